@@ -1,0 +1,41 @@
+"""fast_interpret: run Pallas TPU kernels on any XLA backend, compiled.
+
+Pass ``FastInterpretParams()`` as ``interpret=`` to ``pl.pallas_call`` (or use
+``force_fast_interpret_mode()``): the kernel is re-interpreted into plain JAX
+ops and the whole call compiles into one XLA program. Invariant: the emitted
+program holds no host callback unless a fidelity option asks for one.
+
+Modules:
+  params         FastInterpretParams, the fidelity dial.
+  modes          force_fast_interpret_mode / set_fast_interpret_mode.
+  lowering       the hook into pallas_call's lowering.
+  grid           the pallas_call driver: memory layout, grid loop, blocks.
+  interpreter    the rule registry and the jaxpr evaluator.
+  state          KernelState (simulated memory) and RefHandle.
+  views          reads/writes through ref transforms.
+  memory_rules   loads and stores.
+  dma_rules      DMAs and semaphores.
+  control_rules  cond, while, scan, jit, run_scoped.
+  program_rules  program ids and grid sizes.
+  errors         the exceptions we raise.
+  _jax           the only module that imports jax internals.
+"""
+
+from fast_interpret import lowering as _lowering
+from fast_interpret.errors import (FastInterpretError, UnsupportedFeatureError,
+                                   UnsupportedPrimitiveError)
+from fast_interpret.modes import (force_fast_interpret_mode,
+                                  set_fast_interpret_mode)
+from fast_interpret.params import FastInterpretParams
+
+_lowering.install()
+
+__all__ = [
+    "FastInterpretParams",
+    "force_fast_interpret_mode",
+    "set_fast_interpret_mode",
+    "FastInterpretError",
+    "UnsupportedFeatureError",
+    "UnsupportedPrimitiveError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""The one place where fast_interpret touches JAX internals.
+
+Everything under ``jax._src`` that the package needs is imported here and
+re-exported under a stable local name, so that a JAX upgrade changes this file
+and nothing else. Other modules import ``from fast_interpret import _jax``.
+
+Pinned to jax 0.10.2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax._src import config
+from jax._src import core
+from jax._src import effects
+from jax._src import pjit
+from jax._src import source_info_util
+from jax._src import tree_util
+from jax._src.interpreters import mlir
+from jax._src.lax.control_flow import conditionals as lax_conditionals
+from jax._src.lax.control_flow import loops as lax_loops
+from jax._src.pallas import core as pallas_core
+from jax._src.pallas import pallas_call as pallas_call_module
+from jax._src.pallas import primitives as pallas_primitives
+from jax._src.pallas.mosaic import core as tpu_core
+from jax._src.pallas.mosaic import primitives as tpu_primitives
+from jax._src.pallas.mosaic.interpret import params as tpu_interpret_params
+from jax._src.state import discharge as state_discharge
+from jax._src.state import indexing
+from jax._src.state import primitives as state_primitives
+from jax._src.state import types as state_types
+from jax._src.state import utils as state_utils
+
+# Types and values used across the package.
+Jaxpr = core.Jaxpr
+ClosedJaxpr = core.ClosedJaxpr
+JaxprEqn = core.JaxprEqn
+Literal = core.Literal
+Var = core.Var
+Primitive = core.Primitive
+ShapedArray = core.ShapedArray
+AbstractRef = state_types.AbstractRef
+NDIndexer = indexing.NDIndexer
+Slice = indexing.Slice
+BitcastTransform = state_types.BitcastTransform
+ReshapeTransform = state_types.ReshapeTransform
+TransposeTransform = getattr(state_types, "TransposeTransform", None)
+ReadEffect = state_types.ReadEffect
+WriteEffect = state_types.WriteEffect
+AccumEffect = state_types.AccumEffect
+
+InterpretParams = tpu_interpret_params.InterpretParams
+GridMapping = pallas_core.GridMapping
+BlockMapping = pallas_core.BlockMapping
+Blocked = pallas_core.Blocked
+Squeezed = pallas_core.Squeezed
+Element = pallas_core.Element
+BoundedSlice = pallas_core.BoundedSlice
+DynamicGridDim = pallas_core.DynamicGridDim
+PallasMemorySpace = pallas_core.MemorySpace
+TPUMemorySpace = tpu_core.MemorySpace
+SemaphoreDtype = pallas_core.semaphore_dtype
+TPUCompilerParams = tpu_core.CompilerParams
+
+# Primitives with rules of our own.
+get_p = state_primitives.get_p
+swap_p = state_primitives.swap_p
+addupdate_p = state_primitives.addupdate_p
+masked_load_p = pallas_primitives.load_p
+masked_swap_p = pallas_primitives.swap_p
+program_id_p = pallas_primitives.program_id_p
+num_programs_p = pallas_primitives.num_programs_p
+multiple_of_p = pallas_primitives.multiple_of_p
+run_scoped_p = pallas_primitives.run_scoped_p
+semaphore_read_p = pallas_primitives.semaphore_read_p
+semaphore_signal_p = pallas_primitives.semaphore_signal_p
+semaphore_wait_p = pallas_primitives.semaphore_wait_p
+delay_p = pallas_primitives.delay_p
+dma_start_p = tpu_primitives.dma_start_p
+dma_wait_p = tpu_primitives.dma_wait_p
+tpu_bitcast_p = tpu_primitives.bitcast_p
+roll_p = tpu_primitives.roll_p
+get_barrier_semaphore_p = tpu_primitives.get_barrier_semaphore_p
+cond_p = lax_conditionals.cond_p
+while_p = lax_loops.while_p
+scan_p = lax_loops.scan_p
+jit_p = pjit.jit_p
+pallas_call_p = pallas_call_module.pallas_call_p
+
+transform_array = state_discharge.transform_array
+ref_bitcast = state_utils.bitcast
+index_array = state_discharge._index_array  # pylint: disable=protected-access
+transform_swap_array = state_discharge.transform_swap_array
+uninitialized_value = pallas_primitives.uninitialized_value
+get_block_shape = pallas_core._get_block_shape  # pylint: disable=protected-access
+user_context = source_info_util.user_context
+tree_unflatten = tree_util.tree_unflatten
+lower_fun = mlir.lower_fun
+interpret_mode_config = config.pallas_tpu_interpret_mode_context_manager
+
+
+def pallas_primitive_set() -> frozenset[Primitive]:
+  """Every primitive defined by the Pallas modules we know of.
+
+  Such primitives never fall through to ``bind``: they need a rule, or they are
+  reported as unsupported.
+  """
+  modules = [pallas_primitives, tpu_primitives, pallas_core]
+  try:
+    from jax._src.pallas.mosaic import random as tpu_random  # pylint: disable=g-import-not-at-top
+    modules.append(tpu_random)
+  except ImportError:  # pragma: no cover - depends on the jax build.
+    pass
+  prims = set()
+  for module in modules:
+    for value in vars(module).values():
+      if isinstance(value, core.Primitive):
+        prims.add(value)
+  return frozenset(prims)
+
+
+def has_generic_lowering(prim: Primitive) -> bool:
+  """Whether ``prim`` lowers on every platform (e.g. ``pltpu.bitcast``)."""
+  return prim in mlir._lowerings  # pylint: disable=protected-access
+
+
+def wrap_lowering(prim: Primitive, make_rule) -> None:
+  """Replaces every registered lowering ``rule`` of ``prim`` by ``make_rule(rule)``.
+
+  Idempotent: a rule already made by ``make_rule`` is left alone.
+  """
+  tables = [mlir._lowerings] + list(  # pylint: disable=protected-access
+      mlir._platform_specific_lowerings.values())  # pylint: disable=protected-access
+  for table in tables:
+    entry = table.get(prim)
+    if entry is None or getattr(entry.rule, "_fast_interpret_rule", False):
+      continue
+    new_rule = make_rule(entry.rule)
+    new_rule._fast_interpret_rule = True  # pylint: disable=protected-access
+    table[prim] = dataclasses.replace(entry, rule=new_rule)
+
+
+def interpret_effects_hook():
+  """Returns (getter, setter) for Pallas' interpret-effects function."""
+  def get():
+    return pallas_core.get_interpret_effects
+
+  def set_(fn):
+    pallas_core.get_interpret_effects = fn
+
+  return get, set_
+
+
+no_effects = effects.no_effects

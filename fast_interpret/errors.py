@@ -1,0 +1,44 @@
+"""Exceptions raised by fast_interpret.
+
+Trace-time problems (a primitive we cannot simulate, an unsupported option)
+raise while the kernel is traced. Every message starts with a stable prefix
+that tests and users can match: ``fast_interpret: <kind>:``.
+"""
+
+from __future__ import annotations
+
+
+class FastInterpretError(Exception):
+  """Base class of every error fast_interpret raises on purpose."""
+
+
+class UnsupportedPrimitiveError(FastInterpretError, NotImplementedError):
+  """The kernel uses a primitive that fast interpret cannot simulate."""
+
+  def __init__(self, eqn, kernel_name: str, why: str = ""):
+    self.primitive = eqn.primitive
+    msg = (
+        f"fast_interpret: unsupported primitive: `{eqn.primitive.name}` in "
+        f"kernel {kernel_name!r}"
+        + (f" ({why})" if why else "")
+        + ". Run this kernel with interpret=pltpu.InterpretParams() (full "
+        "simulation) or interpret=True instead, or file an issue with the "
+        "kernel attached.")
+    super().__init__(msg)
+
+
+class UnsupportedFeatureError(FastInterpretError, NotImplementedError):
+  """The kernel uses a Pallas feature that fast interpret does not model."""
+
+  def __init__(self, what: str, kernel_name: str, hint: str = ""):
+    super().__init__(
+        f"fast_interpret: unsupported feature: {what} in kernel "
+        f"{kernel_name!r}. "
+        + (hint or "Run it with interpret=pltpu.InterpretParams() instead."))
+
+
+class InternalError(FastInterpretError, AssertionError):
+  """An invariant of the interpreter broke: a bug in fast_interpret."""
+
+  def __init__(self, what: str):
+    super().__init__(f"fast_interpret: internal error: {what} Please report it.")

@@ -1,0 +1,291 @@
+"""The pallas_call driver: operands to buffers, the grid loop, block pipelining.
+
+Stages:
+  1. Lay out memory: one HBM buffer per operand (aliased input/output pairs
+     share one), padded up to whole blocks with the uninitialised value; one
+     VMEM/SMEM block buffer per blocked operand; scratch and semaphores.
+  2. Loop over the flattened grid with one ``lax.fori_loop``. Each step
+     computes the grid coordinates, evaluates every index map, slices input
+     blocks out of HBM, simulates the kernel body, and writes every output
+     block back into HBM at its block index.
+  3. Unpad the output HBM buffers and return them.
+
+Only buffers the kernel can change are carried by the loop: output HBM and
+block buffers, scratch, and HBM operands the kernel writes through DMAs.
+
+TPU pipelining contract kept: an output block buffer is never re-read from
+HBM, so it keeps its contents across steps (accumulators work, and a kernel
+that reads an output block before writing it sees stale data, as on TPU). The
+block is written back after every step, which leaves HBM exactly as a TPU
+leaves it when the index changes or the grid ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from jax import lax
+import jax.numpy as jnp
+
+from fast_interpret import _jax
+from fast_interpret import errors
+from fast_interpret import interpreter
+from fast_interpret.state import (BufferIds, KernelState, RefHandle,
+                                  memory_space_of, storage_dtype,
+                                  uninitialized)
+
+# Register every rule module.
+from fast_interpret import control_rules  # pylint: disable=unused-import
+from fast_interpret import dma_rules  # pylint: disable=unused-import
+from fast_interpret import memory_rules  # pylint: disable=unused-import
+from fast_interpret import program_rules  # pylint: disable=unused-import
+
+_HBM_SPACES = ("any", "hbm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  """One input or output of the pallas_call, as the grid loop sees it."""
+
+  name: str
+  mapping: Any  # BlockMapping
+  hbm_id: int
+  block_id: int | None  # None: the kernel sees the whole HBM buffer.
+  block_sizes: tuple[int, ...]
+  squeezed: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]  # Element padding, low/high per dim.
+  padded_shape: tuple[int, ...]
+  trivial_window: bool
+
+
+def _is_hbm(space) -> bool:
+  value = getattr(space, "value", space)
+  return isinstance(value, str) and value.lower() in _HBM_SPACES
+
+
+def _block_dim(dim, size: int) -> tuple[int, bool, tuple[int, int], int]:
+  """(block size, squeezed, element padding, padded array size)."""
+  if isinstance(dim, _jax.Squeezed):
+    return 1, True, (0, 0), size
+  if isinstance(dim, _jax.Element):
+    lo, hi = dim.padding
+    return dim.block_size, False, (lo, hi), size + lo + hi
+  if isinstance(dim, _jax.Blocked):
+    b = dim.block_size
+    return b, False, (0, 0), -(-size // b) * b
+  if dim is None:
+    return 1, True, (0, 0), size
+  raise errors.UnsupportedFeatureError(
+      f"block dimension {dim!r}", "pallas_call",
+      "Use Blocked, Element or Squeezed block dimensions.")
+
+
+def _make_operand(name, mapping, hbm_id, block_id) -> Operand:
+  shape = mapping.array_aval.shape
+  sizes, squeezed, padding, padded = [], [], [], []
+  for d, (dim, n) in enumerate(zip(mapping.block_shape, shape, strict=True)):
+    b, sq, pad, p = _block_dim(dim, n)
+    sizes.append(b)
+    padding.append(pad)
+    padded.append(p)
+    if sq:
+      squeezed.append(d)
+  trivial = bool(mapping.has_trivial_window()) and not any(squeezed)
+  return Operand(name, mapping, hbm_id, block_id, tuple(sizes),
+                 tuple(squeezed), tuple(padding), tuple(padded), trivial)
+
+
+def _pad(x, op: Operand, fill: str):
+  if tuple(x.shape) == op.padded_shape:
+    return x
+  value = uninitialized((), x.dtype, fill)
+  config = [(lo, p - n - lo, 0) for (lo, _), n, p in
+            zip(op.padding, x.shape, op.padded_shape, strict=True)]
+  return lax.pad(x, value, config)
+
+
+def _unpad(x, op: Operand):
+  if tuple(x.shape) == tuple(op.mapping.array_aval.shape):
+    return x
+  starts = [lo for lo, _ in op.padding]
+  limits = [s + n for s, n in zip(starts, op.mapping.array_aval.shape,
+                                  strict=True)]
+  return lax.slice(x, starts, limits)
+
+
+def _block_starts(op: Operand, block_indices) -> list[Any]:
+  starts = []
+  for dim, idx, size in zip(op.mapping.block_shape, block_indices,
+                            op.block_sizes, strict=True):
+    if isinstance(dim, _jax.Blocked):
+      starts.append(idx * size)
+    else:
+      starts.append(idx)
+  return [jnp.asarray(s, jnp.int32) for s in starts]
+
+
+def _read_block(hbm, op: Operand, starts):
+  if op.trivial_window:
+    return hbm
+  block = lax.dynamic_slice(hbm, starts, op.block_sizes)
+  return lax.squeeze(block, op.squeezed) if op.squeezed else block
+
+
+def _write_block(hbm, op: Operand, starts, block):
+  if op.trivial_window:
+    return block
+  if op.squeezed:
+    block = lax.expand_dims(block, op.squeezed)
+  return lax.dynamic_update_slice(hbm, block, starts)
+
+
+def _unravel(step, grid: Sequence[Any]) -> tuple[Any, ...]:
+  coords = []
+  for size in reversed(grid):
+    coords.append(lax.rem(step, jnp.asarray(size, jnp.int32)))
+    step = lax.div(step, jnp.asarray(size, jnp.int32))
+  return tuple(reversed(coords))
+
+
+def interpret_pallas_call(
+    *args,
+    jaxpr: _jax.Jaxpr,
+    grid_mapping,
+    input_output_aliases: tuple[tuple[int, int], ...],
+    interpret_params,
+    name: str | None = None,
+    debug: bool = False,
+    **unused_params,
+):
+  """Simulates one pallas_call; returns its outputs. Traceable, no callbacks."""
+  del unused_params
+  gm = grid_mapping
+  kernel_name = name or (jaxpr.debug_info.func_name if jaxpr.debug_info
+                         else "kernel")
+  if debug:
+    print(f"fast_interpret: kernel {kernel_name} jaxpr:\n{jaxpr}")
+  fill = interpret_params.uninitialized_memory
+  ids = BufferIds()
+  n_dyn = gm.num_dynamic_grid_bounds
+  dynamic_bounds, args = args[:n_dyn], args[n_dyn:]
+  dyn_iter = iter(dynamic_bounds)
+  grid = tuple(next(dyn_iter) if isinstance(g, _jax.DynamicGridDim) or g is
+               None else g for g in gm.grid)
+  scalars = args[:gm.num_index_operands]
+  inputs = args[gm.num_index_operands:]
+  if len(inputs) != gm.num_inputs:
+    raise errors.InternalError(
+        f"expected {gm.num_inputs} inputs, got {len(inputs)}.")
+
+  buffers: dict[int, Any] = {}
+  scalar_handles = []
+  for i, s in enumerate(scalars):
+    bid = ids.fresh()
+    buffers[bid] = s
+    scalar_handles.append(RefHandle(bid, _jax.TPUMemorySpace.SMEM,
+                                    f"scalar_prefetch[{i}]"))
+
+  in_maps = gm.block_mappings[:gm.num_inputs]
+  out_maps = gm.block_mappings[gm.num_inputs:]
+  out_to_in = {o: i for i, o in input_output_aliases}
+  operands: list[Operand] = []
+  for i, (x, bm) in enumerate(zip(inputs, in_maps, strict=True)):
+    op = _make_operand(bm.origin, bm, ids.fresh(), _block_id(bm, ids))
+    buffers[op.hbm_id] = _pad(x, op, fill)
+    operands.append(op)
+  for o, bm in enumerate(out_maps):
+    if o in out_to_in:
+      hbm_id = operands[out_to_in[o]].hbm_id
+    else:
+      hbm_id = ids.fresh()
+    op = _make_operand(bm.origin, bm, hbm_id, _block_id(bm, ids))
+    if o not in out_to_in:
+      buffers[hbm_id] = uninitialized(op.padded_shape, bm.array_aval.dtype,
+                                      fill)
+    elif buffers[hbm_id].shape != op.padded_shape:
+      raise errors.UnsupportedFeatureError(
+          f"aliased output {bm.origin} with block padding that differs from "
+          "its input", kernel_name)
+    if op.block_id is not None:
+      buffers[op.block_id] = uninitialized(
+          bm.block_aval.shape, bm.block_aval.dtype, fill)
+    operands.append(op)
+  in_ops, out_ops = operands[:gm.num_inputs], operands[gm.num_inputs:]
+
+  scratch_handles = []
+  for k, aval in enumerate(gm.scratch_avals):
+    bid = ids.fresh()
+    inner = getattr(aval, "inner_aval", aval)
+    space = memory_space_of(inner) or getattr(aval, "memory_space", None)
+    if space == "semaphore":
+      buffers[bid] = jnp.zeros(inner.shape, jnp.int32)
+    else:
+      buffers[bid] = uninitialized(inner.shape, storage_dtype(inner), fill)
+    scratch_handles.append(RefHandle(bid, space, f"scratch[{k}]"))
+
+  def handle(op: Operand) -> RefHandle:
+    space = op.mapping.block_aval.memory_space
+    if op.block_id is None:
+      return RefHandle(op.hbm_id, space, op.name)
+    return RefHandle(op.block_id, space, op.name)
+
+  kernel_args = [*scalar_handles, *map(handle, operands), *scratch_handles]
+  written = interpreter.written_buffer_ids(jaxpr, kernel_args)
+  input_block_ids = {op.block_id for op in in_ops if op.block_id is not None}
+  carried = ({op.hbm_id for op in out_ops}
+             | {op.block_id for op in out_ops if op.block_id is not None}
+             | {h.buffer_id for h in scratch_handles}
+             | (written - input_block_ids))
+  invariant = {k: v for k, v in buffers.items() if k not in carried}
+
+  visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
+  ctx = interpreter.RuleContext(
+      params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
+      num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names)
+
+  def step_fn(step, carry: dict[int, Any]) -> dict[int, Any]:
+    coords = _unravel(step, grid) if grid else ()
+    state = KernelState({**invariant, **carry})
+    starts = [_block_starts(op, _eval_index_map(ctx, state, op, coords,
+                                                scalar_handles))
+              for op in operands]
+    for op, st in zip(in_ops, starts[:len(in_ops)], strict=True):
+      if op.block_id is not None:
+        state = state.add(op.block_id,
+                          _read_block(state.read(op.hbm_id), op, st))
+    step_ctx = dataclasses.replace(
+        ctx, program_ids=tuple(coords[d] for d in visible))
+    before = state
+    state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (),
+                                      kernel_args)
+    interpreter.check_carried(before, state, carried | input_block_ids,
+                              f"kernel {kernel_name}")
+    for op, st in zip(out_ops, starts[len(in_ops):], strict=True):
+      if op.block_id is not None:
+        state = state.write(op.hbm_id, _write_block(
+            state.read(op.hbm_id), op, st, state.read(op.block_id)))
+    return state.subset(carried)
+
+  carry = {k: v for k, v in buffers.items() if k in carried}
+  num_steps = math.prod(grid) if grid else 1
+  if isinstance(num_steps, int) and num_steps == 1:
+    carry = step_fn(jnp.int32(0), carry)
+  else:
+    carry = lax.fori_loop(jnp.int32(0), jnp.asarray(num_steps, jnp.int32),
+                          step_fn, carry)
+  return [_unpad(carry[op.hbm_id], op) for op in out_ops]
+
+
+def _block_id(mapping, ids: BufferIds) -> int | None:
+  if _is_hbm(mapping.block_aval.memory_space):
+    return None
+  return ids.fresh()
+
+
+def _eval_index_map(ctx, state, op: Operand, coords, scalar_handles):
+  closed = op.mapping.index_map_jaxpr
+  _, out = interpreter.eval_jaxpr(ctx, state, closed.jaxpr, closed.consts,
+                                  [*coords, *scalar_handles])
+  return out

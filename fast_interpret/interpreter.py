@@ -1,0 +1,175 @@
+"""The jaxpr evaluator: one registry of rules, one lookup per equation.
+
+A rule simulates one primitive on the kernel state::
+
+  @register_rule(prim)
+  def _prim_rule(ctx: RuleContext, state: KernelState, *invals, **params):
+    ...
+    return state, outvals   # outvals: a list if prim.multiple_results
+
+``invals`` hold a ``RefHandle`` wherever the equation takes a ref, and traced
+arrays elsewhere. Primitives without a rule that are pure (no ref operand, no
+effect, not a Pallas primitive) fall through to ``bind``. Anything else fails
+while tracing with an ``UnsupportedPrimitiveError`` that names the primitive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fast_interpret import _jax
+from fast_interpret import errors
+from fast_interpret.state import KernelState, RefHandle, BufferIds
+
+Rule = Callable[..., tuple[KernelState, Any]]
+_RULES: dict[_jax.Primitive, Rule] = {}
+
+
+def register_rule(prim: _jax.Primitive):
+  """Decorator: registers ``rule`` as the simulation of ``prim``."""
+  def decorator(rule: Rule) -> Rule:
+    _RULES[prim] = rule
+    return rule
+  return decorator
+
+
+def has_rule(prim: _jax.Primitive) -> bool:
+  return prim in _RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleContext:
+  """What a rule may know besides its operands.
+
+  Attributes:
+    params: the FastInterpretParams of the call.
+    kernel_name: name of the kernel, for messages.
+    buffer_ids: allocator of fresh buffer ids (scoped allocations).
+    program_ids: grid coordinates of the current step, one per grid axis
+      visible to the kernel (vmapped axes excluded).
+    num_programs: grid size per visible axis (ints or traced scalars).
+    grid_names: named grid axes, or None.
+    eqn: the equation being simulated (for avals and source info).
+  """
+
+  params: Any
+  kernel_name: str
+  buffer_ids: BufferIds
+  program_ids: tuple[Any, ...] = ()
+  num_programs: tuple[Any, ...] = ()
+  grid_names: tuple[Any, ...] | None = None
+  eqn: _jax.JaxprEqn | None = None
+
+  def fresh_buffer_id(self) -> int:
+    return self.buffer_ids.fresh()
+
+
+@functools.cache
+def _pallas_primitives() -> frozenset[_jax.Primitive]:
+  return _jax.pallas_primitive_set()
+
+
+def _is_pure(eqn: _jax.JaxprEqn) -> bool:
+  if (eqn.primitive in _pallas_primitives()
+      and not _jax.has_generic_lowering(eqn.primitive)):
+    return False
+  if eqn.effects:
+    return False
+  return not any(isinstance(v.aval, _jax.AbstractRef) for v in eqn.invars)
+
+
+def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
+               consts: Sequence[Any], args: Sequence[Any]
+               ) -> tuple[KernelState, list[Any]]:
+  """Simulates ``jaxpr`` on ``state``; returns the new state and outputs."""
+  env: dict[_jax.Var, Any] = {}
+
+  def read(atom):
+    if isinstance(atom, _jax.Literal):
+      return atom.val
+    return env[atom]
+
+  for var, val in zip(jaxpr.constvars, consts, strict=True):
+    env[var] = val
+  for var, val in zip(jaxpr.invars, args, strict=True):
+    env[var] = val
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    rule = _RULES.get(eqn.primitive)
+    with _jax.user_context(eqn.source_info.traceback,
+                           name_stack=eqn.source_info.name_stack):
+      if rule is not None:
+        state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
+                              *invals, **eqn.params)
+      elif _is_pure(eqn):
+        outvals = bind_pure(eqn, invals)
+      else:
+        raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
+    if not eqn.primitive.multiple_results:
+      outvals = [outvals]
+    for var, val in zip(eqn.outvars, outvals, strict=True):
+      env[var] = val
+  return state, [read(v) for v in jaxpr.outvars]
+
+
+def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:
+  """Binds a pure equation's primitive with its own parameters."""
+  return eqn.primitive.bind(*invals,
+                            **eqn.primitive.get_bind_params(eqn.params))
+
+
+# --- Which buffers does a jaxpr write? -------------------------------------
+
+
+def written_inputs(jaxpr: _jax.Jaxpr) -> frozenset[int]:
+  """Positions in ``constvars + invars`` of refs that ``jaxpr`` may change.
+
+  Uses the jaxpr's ref effects; semaphore refs are counted as written whenever
+  they are passed in, because semaphore primitives carry no per-input effect.
+  """
+  return _written_inputs_cached(jaxpr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _written_inputs_cached(jaxpr: _jax.Jaxpr) -> frozenset[int]:
+  from fast_interpret.state import is_semaphore_aval  # pylint: disable=g-import-not-at-top
+  written = set()
+  all_vars = list(jaxpr.constvars) + list(jaxpr.invars)
+  position = {v: i for i, v in enumerate(all_vars)}
+  for eff in jaxpr.effects:
+    if isinstance(eff, (_jax.WriteEffect, _jax.AccumEffect)):
+      # Effects name their input by position, or by variable in open jaxprs.
+      written.add(position[eff.input] if isinstance(eff.input, _jax.Var)
+                  else eff.input)
+  for i, var in enumerate(all_vars):
+    aval = var.aval
+    if isinstance(aval, _jax.AbstractRef) and is_semaphore_aval(aval.inner_aval):
+      written.add(i)
+  return frozenset(written)
+
+
+def written_buffer_ids(jaxpr: _jax.Jaxpr, inputs: Sequence[Any]) -> set[int]:
+  """Buffer ids of the handles among ``inputs`` that ``jaxpr`` may write.
+
+  ``inputs`` line up with ``jaxpr.constvars + jaxpr.invars``.
+  """
+  ids = set()
+  for i in written_inputs(jaxpr):
+    val = inputs[i]
+    if isinstance(val, RefHandle):
+      ids.add(val.buffer_id)
+  return ids
+
+
+def check_carried(before: KernelState, after: KernelState, carried: set[int],
+                  what: str) -> None:
+  """Fails loudly if a traced body changed a buffer it does not carry."""
+  for bid, value in after.buffers.items():
+    if bid in carried:
+      continue
+    if bid in before.buffers and before.buffers[bid] is not value:
+      raise errors.InternalError(
+          f"{what} wrote buffer {bid}, which the write analysis missed.")
