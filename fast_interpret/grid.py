@@ -155,6 +155,7 @@ def interpret_pallas_call(
     grid_mapping,
     input_output_aliases: tuple[tuple[int, int], ...],
     interpret_params,
+    compiler_params=None,
     name: str | None = None,
     debug: bool = False,
     **unused_params,
@@ -270,12 +271,70 @@ def interpret_pallas_call(
 
   carry = {k: v for k, v in buffers.items() if k in carried}
   num_steps = math.prod(grid) if grid else 1
-  if isinstance(num_steps, int) and num_steps == 1:
-    carry = step_fn(jnp.int32(0), carry)
+  per_core = _steps_per_core(grid, num_steps, compiler_params,
+                             interpret_params.num_cores_or_threads,
+                             kernel_name)
+  if per_core is None:
+    if isinstance(num_steps, int) and num_steps == 1:
+      carry = step_fn(jnp.int32(0), carry)
+    else:
+      carry = lax.fori_loop(jnp.int32(0), jnp.asarray(num_steps, jnp.int32),
+                            step_fn, carry)
   else:
-    carry = lax.fori_loop(jnp.int32(0), jnp.asarray(num_steps, jnp.int32),
-                          step_fn, carry)
+    carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
+                       interpret_params.num_cores_or_threads,
+                       shared_ids={op.hbm_id for op in operands})
   return [_unpad(carry[op.hbm_id], op) for op in out_ops]
+
+
+def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,
+                    kernel_name: str) -> int | None:
+  """Grid steps each simulated core runs, or None for a single core.
+
+  As on a megacore TPU, the leading 'parallel' grid dimensions are split
+  into contiguous chunks, one per core; other dimensions run in order inside
+  each chunk.
+  """
+  if num_cores == 1:
+    return None
+  semantics = tuple(getattr(compiler_params, "dimension_semantics", None)
+                    or ())
+  parallel = [str(getattr(s, "value", s)).lower() in
+              ("parallel", "core_parallel") for s in semantics]
+  parallel += [False] * (len(grid) - len(parallel))
+  if any(p and not q for p, q in zip(parallel[1:], parallel, strict=False)):
+    raise errors.UnsupportedFeatureError(
+        f"parallel dimensions {semantics} that are not a prefix of the grid",
+        kernel_name, "Put the 'parallel' grid dimensions first.")
+  sizes = [g for g, p in zip(grid, parallel, strict=True) if p]
+  if not all(isinstance(g, int) for g in sizes) or not isinstance(
+      num_steps, int):
+    raise errors.UnsupportedFeatureError(
+        "several cores with a dynamic grid", kernel_name,
+        "Use num_cores_or_threads=1 with dynamic grid bounds.")
+  subgrid = math.prod(sizes)
+  points_per_core = -(-subgrid // num_cores)
+  return points_per_core * (num_steps // subgrid)
+
+
+def _run_cores(step_fn, carry, initial, per_core: int, num_steps: int,
+               num_cores: int, shared_ids) -> dict[int, Any]:
+  """Runs the cores one after another; only HBM is shared between them.
+
+  Each core starts with fresh copies of its VMEM/SMEM buffers, scratch and
+  semaphores (scalar-prefetch operands are copied to every core's SMEM).
+  """
+  shared = {k: v for k, v in carry.items() if k in shared_ids}
+  private = {k: initial[k] for k in carry if k not in shared_ids}
+
+  def core_fn(core, shared):
+    start = core * per_core
+    stop = jnp.minimum(start + per_core, num_steps)
+    out = lax.fori_loop(start, stop, step_fn, {**shared, **private})
+    return {k: out[k] for k in shared}
+
+  shared = lax.fori_loop(jnp.int32(0), jnp.int32(num_cores), core_fn, shared)
+  return {**carry, **shared}
 
 
 def _block_id(mapping, ids: BufferIds) -> int | None:

@@ -55,8 +55,12 @@ class FastInterpretParams(_jax.InterpretParams):
       padding with NaN (integers: their maximum value) so that reading memory
       never written shows up; ``"zero"`` fills with zeros.
     detect_races: must be False: race detection is not modelled.
-    num_cores_or_threads: simulated TensorCores per device; only 1 is modelled
-      for now.
+    num_cores_or_threads: simulated TensorCores per device (default 1). With
+      more than one, the leading 'parallel' grid dimensions are split into
+      contiguous chunks, one per core, as on a megacore TPU; each core has
+      its own VMEM, SMEM (scalar prefetch is copied to each), scratch and
+      semaphores, and HBM is shared. Cores run one after another, not in
+      lock step.
     skip_floating_point_ops: must be False.
     out_of_bounds_reads: accepted for compatibility; out-of-bounds indices are
       clamped like XLA's dynamic_slice until bounds checks land.
@@ -82,9 +86,6 @@ class FastInterpretParams(_jax.InterpretParams):
     _require(self.dma_execution_mode == "eager",
              f"dma_execution_mode={self.dma_execution_mode!r}",
              "only eager DMAs are modelled so far.")
-    _require(self.num_cores_or_threads == 1,
-             f"num_cores_or_threads={self.num_cores_or_threads}",
-             "only one simulated core is modelled so far.")
     if self.uninitialized_memory not in ("nan", "zero"):
       raise ValueError(
           "FastInterpretParams: uninitialized_memory must be 'nan' or 'zero', "
