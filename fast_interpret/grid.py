@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from fast_interpret import _jax
 from fast_interpret import errors
+from fast_interpret import fences
 from fast_interpret import interpreter
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   memory_space_of, storage_dtype,
@@ -58,6 +59,7 @@ class Operand:
   padding: tuple[tuple[int, int], ...]  # Element padding, low/high per dim.
   padded_shape: tuple[int, ...]
   trivial_window: bool
+  bits: bool = False  # HBM kept as unsigned bits (see _bits_dtype).
 
 
 def _is_hbm(space) -> bool:
@@ -93,8 +95,9 @@ def _make_operand(name, mapping, hbm_id, block_id) -> Operand:
     if sq:
       squeezed.append(d)
   trivial = bool(mapping.has_trivial_window()) and not any(squeezed)
+  bits = block_id is not None and _bits_dtype(mapping.array_aval.dtype) is not None
   return Operand(name, mapping, hbm_id, block_id, tuple(sizes),
-                 tuple(squeezed), tuple(padding), tuple(padded), trivial)
+                 tuple(squeezed), tuple(padding), tuple(padded), trivial, bits)
 
 
 def _pad(x, op: Operand, fill: str):
@@ -126,14 +129,43 @@ def _block_starts(op: Operand, block_indices) -> list[Any]:
   return [jnp.asarray(s, jnp.int32) for s in starts]
 
 
+def _bits_dtype(dtype):
+  """The unsigned dtype that stores a narrow float HBM buffer, or None.
+
+  XLA:CPU has no native bf16/f16/fp8 dynamic-update-slice: it converts the
+  whole buffer to f32 and back around every block write, which costs a full
+  pass over HBM per grid step. Keeping the bits in an unsigned integer
+  buffer makes the write touch only the block.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return jnp.dtype(f"uint{dtype.itemsize * 8}")
+  return None
+
+
+def _to_storage(x, op: Operand):
+  if not op.bits:
+    return x
+  return lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
+
+
+def _from_storage(x, op: Operand):
+  dtype = op.mapping.array_aval.dtype
+  if x.dtype == dtype:
+    return x
+  return lax.bitcast_convert_type(x, dtype)
+
+
 def _read_block(hbm, op: Operand, starts):
   if op.trivial_window:
-    return hbm
+    return _from_storage(hbm, op)
   block = lax.dynamic_slice(hbm, starts, op.block_sizes)
-  return lax.squeeze(block, op.squeezed) if op.squeezed else block
+  block = lax.squeeze(block, op.squeezed) if op.squeezed else block
+  return _from_storage(block, op)
 
 
 def _write_block(hbm, op: Operand, starts, block):
+  block = _to_storage(block, op)
   if op.trivial_window:
     return block
   if op.squeezed:
@@ -194,7 +226,7 @@ def interpret_pallas_call(
   operands: list[Operand] = []
   for i, (x, bm) in enumerate(zip(inputs, in_maps, strict=True)):
     op = _make_operand(bm.origin, bm, ids.fresh(), _block_id(bm, ids))
-    buffers[op.hbm_id] = _pad(x, op, fill)
+    buffers[op.hbm_id] = _to_storage(_pad(x, op, fill), op)
     operands.append(op)
   for o, bm in enumerate(out_maps):
     if o in out_to_in:
@@ -202,9 +234,17 @@ def interpret_pallas_call(
     else:
       hbm_id = ids.fresh()
     op = _make_operand(bm.origin, bm, hbm_id, _block_id(bm, ids))
+    if o in out_to_in:
+      # Both sides of an alias must agree on how the shared HBM is stored.
+      i = out_to_in[o]
+      both_bits = op.bits and operands[i].bits
+      op = dataclasses.replace(op, bits=both_bits)
+      if operands[i].bits and not both_bits:
+        operands[i] = dataclasses.replace(operands[i], bits=False)
+        buffers[hbm_id] = _pad(inputs[i], operands[i], fill)
     if o not in out_to_in:
-      buffers[hbm_id] = uninitialized(op.padded_shape, bm.array_aval.dtype,
-                                      fill)
+      buffers[hbm_id] = _to_storage(uninitialized(
+          op.padded_shape, bm.array_aval.dtype, fill), op)
     elif buffers[hbm_id].shape != op.padded_shape:
       raise errors.UnsupportedFeatureError(
           f"aliased output {bm.origin} with block padding that differs from "
@@ -244,7 +284,8 @@ def interpret_pallas_call(
   visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
   ctx = interpreter.RuleContext(
       params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
-      num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names)
+      num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
+      opaque_true=fences.opaque_true(*scalars, *inputs))
 
   def step_fn(step, carry: dict[int, Any]) -> dict[int, Any]:
     coords = _unravel(step, grid) if grid else ()
@@ -284,7 +325,7 @@ def interpret_pallas_call(
     carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
                        interpret_params.num_cores_or_threads,
                        shared_ids={op.hbm_id for op in operands})
-  return [_unpad(carry[op.hbm_id], op) for op in out_ops]
+  return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
 
 
 def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,

@@ -22,6 +22,7 @@ from typing import Any
 
 from fast_interpret import _jax
 from fast_interpret import errors
+from fast_interpret import fences
 from fast_interpret.state import KernelState, RefHandle, BufferIds
 
 Rule = Callable[..., tuple[KernelState, Any]]
@@ -53,6 +54,8 @@ class RuleContext:
     num_programs: grid size per visible axis (ints or traced scalars).
     grid_names: named grid axes, or None.
     eqn: the equation being simulated (for avals and source info).
+    opaque_true: a run-time True the compiler cannot fold, for fusion fences
+      (see fences.py); None disables fences.
   """
 
   params: Any
@@ -62,6 +65,7 @@ class RuleContext:
   num_programs: tuple[Any, ...] = ()
   grid_names: tuple[Any, ...] | None = None
   eqn: _jax.JaxprEqn | None = None
+  opaque_true: Any = None
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -96,7 +100,9 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     env[var] = val
   for var, val in zip(jaxpr.invars, args, strict=True):
     env[var] = val
-  for eqn in jaxpr.eqns:
+  fencer = fences.Fencer(jaxpr, ctx.opaque_true)
+  for i, eqn in enumerate(jaxpr.eqns):
+    fencer.before(i, eqn, env)
     invals = [read(v) for v in eqn.invars]
     rule = _RULES.get(eqn.primitive)
     with _jax.user_context(eqn.source_info.traceback,

@@ -1,0 +1,106 @@
+"""Fusion fences: keep XLA:CPU from re-computing long unrolled chains.
+
+XLA:CPU's loop fusion duplicates cheap elementwise producers into every
+consumer fusion. On kernels that unroll long chains of compare/select steps
+in Python (sorting networks), every step then recomputes the whole chain
+behind it: the HLO of an (8,128) bitonic sort grows from ~4k to ~100k
+instructions and takes ~55 s to compile.
+
+A fence materialises values: it passes them through a ``lax.cond`` whose
+predicate is true at run time but opaque to the compiler, so fusion cannot
+cross it and nothing behind it is recomputed. In a large jaxpr we fence, every
+``FENCE_INTERVAL`` equations, the live arrays that have been computed by at
+least two equations since the last fence. Small jaxprs (every ordinary
+kernel) are left alone. A fence costs one conditional at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from jax import lax
+import jax.numpy as jnp
+
+from fast_interpret import _jax
+
+# Jaxprs with at most this many equations are never fenced.
+MIN_FENCED_EQNS = 200
+# Equations between two fences.
+FENCE_INTERVAL = 32
+# A value is fenced once this many equations produced it since the last fence.
+MIN_DEPTH = 2
+
+
+def opaque_true(*candidates) -> Any:
+  """A scalar bool that is True but that XLA cannot prove True.
+
+  Derived from the bits of the first array candidate: ``popcount >= 0`` on a
+  signed integer (on an unsigned one the compiler folds the comparison).
+  """
+  for x in candidates:
+    if hasattr(x, "dtype") and getattr(x, "size", 0):
+      first = jnp.ravel(x)[0]
+      width = first.dtype.itemsize * 8
+      if jnp.issubdtype(first.dtype, jnp.bool_) or width not in (8, 16, 32, 64):
+        bits = first.astype(jnp.int32)
+      else:
+        bits = lax.bitcast_convert_type(first, jnp.dtype(f"int{width}"))
+      return lax.population_count(bits) >= 0
+  return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _last_uses(jaxpr: _jax.Jaxpr) -> dict[_jax.Var, int]:
+  last = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    for v in eqn.invars:
+      if isinstance(v, _jax.Var):
+        last[v] = i
+  for v in jaxpr.outvars:
+    if isinstance(v, _jax.Var):
+      last[v] = len(jaxpr.eqns)
+  return last
+
+
+class Fencer:
+  """Decides where to fence while one jaxpr is evaluated."""
+
+  def __init__(self, jaxpr: _jax.Jaxpr, predicate):
+    self._enabled = (predicate is not None
+                     and len(jaxpr.eqns) > MIN_FENCED_EQNS)
+    self._predicate = predicate
+    self._depth: dict[_jax.Var, int] = {}
+    self._last = _last_uses(jaxpr) if self._enabled else {}
+
+  def before(self, i: int, eqn, env: dict) -> None:
+    """Called before equation ``i``; may replace live values in ``env``."""
+    if not self._enabled:
+      return
+    if i and i % FENCE_INTERVAL == 0:
+      self._fence(i, env)
+    depth = 1 + max((self._depth.get(v, 0) for v in eqn.invars
+                     if isinstance(v, _jax.Var)), default=0)
+    for v in eqn.outvars:
+      self._depth[v] = depth
+
+  def _fence(self, i: int, env: dict) -> None:
+    live = [v for v, last in self._last.items()
+            if last >= i and v in env and self._depth.get(v, 0) >= MIN_DEPTH
+            and getattr(env[v], "ndim", 0) > 0]
+    if not live:
+      return
+    fenced = lax.cond(self._predicate, lambda *xs: xs,
+                      lambda *xs: tuple(_scramble(x) for x in xs),
+                      *[env[v] for v in live])
+    for v, x in zip(live, fenced, strict=True):
+      env[v] = x
+      self._depth[v] = 0
+
+
+def _scramble(x):
+  """A cheap op the false branch applies, so both branches differ."""
+  if jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(
+      x.dtype, jnp.complexfloating):
+    return -x
+  return ~x
