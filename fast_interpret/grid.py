@@ -15,9 +15,10 @@ block buffers, scratch, and HBM operands the kernel writes through DMAs.
 
 TPU pipelining contract kept: an output block buffer is never re-read from
 HBM, so it keeps its contents across steps (accumulators work, and a kernel
-that reads an output block before writing it sees stale data, as on TPU). The
-block is written back after every step, which leaves HBM exactly as a TPU
-leaves it when the index changes or the grid ends.
+that reads an output block before writing it sees stale data, as on TPU). A
+block is written back to HBM only when the next step maps the output to
+another block, or after the last step, as the TPU pipeline does; so an input
+aliased to that output still reads the old HBM contents in between.
 """
 
 from __future__ import annotations
@@ -164,13 +165,28 @@ def _read_block(hbm, op: Operand, starts):
   return _from_storage(block, op)
 
 
-def _write_block(hbm, op: Operand, starts, block):
+def _write_block(hbm, op: Operand, starts, block, write):
+  """Writes ``block`` back at ``starts`` where ``write`` (a bool) holds.
+
+  Done as slice + select + update, touching only the block, instead of a
+  conditional.
+  """
   block = _to_storage(block, op)
   if op.trivial_window:
-    return block
+    return lax.select(write, block, hbm)
   if op.squeezed:
     block = lax.expand_dims(block, op.squeezed)
-  return lax.dynamic_update_slice(hbm, block, starts)
+  current = lax.dynamic_slice(hbm, starts, block.shape)
+  return lax.dynamic_update_slice(
+      hbm, lax.select(jnp.broadcast_to(write, block.shape), block, current),
+      starts)
+
+
+def _index_changes(old, new) -> Any:
+  changed = jnp.bool_(False)
+  for a, b in zip(old, new, strict=True):
+    changed = changed | (a != b)
+  return changed
 
 
 def _unravel(step, grid: Sequence[Any]) -> tuple[Any, ...]:
@@ -222,7 +238,11 @@ def interpret_pallas_call(
 
   in_maps = gm.block_mappings[:gm.num_inputs]
   out_maps = gm.block_mappings[gm.num_inputs:]
-  out_to_in = {o: i for i, o in input_output_aliases}
+  # Alias indices count the scalar-prefetch operands first.
+  out_to_in = {o: i - gm.num_index_operands for i, o in input_output_aliases}
+  if any(i < 0 for i in out_to_in.values()):
+    raise errors.UnsupportedFeatureError(
+        "input_output_aliases on a scalar-prefetch operand", kernel_name)
   operands: list[Operand] = []
   for i, (x, bm) in enumerate(zip(inputs, in_maps, strict=True)):
     op = _make_operand(bm.origin, bm, ids.fresh(), _block_id(bm, ids))
@@ -287,7 +307,7 @@ def interpret_pallas_call(
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs))
 
-  def step_fn(step, carry: dict[int, Any]) -> dict[int, Any]:
+  def step_fn(step, carry: dict[int, Any], last_step) -> dict[int, Any]:
     coords = _unravel(step, grid) if grid else ()
     state = KernelState({**invariant, **carry})
     starts = [_block_starts(op, _eval_index_map(ctx, state, op, coords,
@@ -304,10 +324,18 @@ def interpret_pallas_call(
                                       kernel_args)
     interpreter.check_carried(before, state, carried | input_block_ids,
                               f"kernel {kernel_name}")
+    # As on TPU, an output block goes back to HBM when the next step maps it
+    # to another block, or when this core's last step is done.
+    next_coords = _unravel(step + 1, grid) if grid else ()
+    is_last = step == last_step
     for op, st in zip(out_ops, starts[len(in_ops):], strict=True):
-      if op.block_id is not None:
-        state = state.write(op.hbm_id, _write_block(
-            state.read(op.hbm_id), op, st, state.read(op.block_id)))
+      if op.block_id is None:
+        continue
+      nxt = _block_starts(op, _eval_index_map(ctx, state, op, next_coords,
+                                              scalar_handles))
+      write = is_last | _index_changes(st, nxt)
+      state = state.write(op.hbm_id, _write_block(
+          state.read(op.hbm_id), op, st, state.read(op.block_id), write))
     return state.subset(carried)
 
   carry = {k: v for k, v in buffers.items() if k in carried}
@@ -317,10 +345,11 @@ def interpret_pallas_call(
                              kernel_name)
   if per_core is None:
     if isinstance(num_steps, int) and num_steps == 1:
-      carry = step_fn(jnp.int32(0), carry)
+      carry = step_fn(jnp.int32(0), carry, jnp.int32(0))
     else:
-      carry = lax.fori_loop(jnp.int32(0), jnp.asarray(num_steps, jnp.int32),
-                            step_fn, carry)
+      last = jnp.asarray(num_steps, jnp.int32) - 1
+      carry = lax.fori_loop(jnp.int32(0), last + 1,
+                            lambda i, c: step_fn(i, c, last), carry)
   else:
     carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
                        interpret_params.num_cores_or_threads,
@@ -371,7 +400,8 @@ def _run_cores(step_fn, carry, initial, per_core: int, num_steps: int,
   def core_fn(core, shared):
     start = core * per_core
     stop = jnp.minimum(start + per_core, num_steps)
-    out = lax.fori_loop(start, stop, step_fn, {**shared, **private})
+    out = lax.fori_loop(start, stop, lambda i, c: step_fn(i, c, stop - 1),
+                        {**shared, **private})
     return {k: out[k] for k in shared}
 
   shared = lax.fori_loop(jnp.int32(0), jnp.int32(num_cores), core_fn, shared)

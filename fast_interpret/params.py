@@ -30,11 +30,10 @@ class FastInterpretParams(_jax.InterpretParams):
   are arrays threaded through the grid loop, loads and stores are (dynamic)
   slices, DMAs are copies and semaphores are integer counters.
 
-  What is modelled: the grid (run in order, one simulated core), TPU block
-  pipelining (an input block is fetched for every step; an output block is
-  written back to HBM after every step, so a block revisited later keeps the
-  value it had when last written, and an output VMEM buffer keeps its contents
-  between steps exactly as on TPU), padding of blocks that do not divide the
+  What is modelled: the grid (run in order), TPU block pipelining (an input
+  block is fetched for every step; an output block is written back to HBM
+  when the next step maps it elsewhere or the grid ends, and an output VMEM
+  buffer keeps its contents between steps exactly as on TPU), padding of blocks that do not divide the
   array, scalar prefetch, scratch that persists across grid steps, DMAs
   between any memory spaces and DMA/REGULAR semaphore counts.
 
