@@ -130,6 +130,12 @@ def wrap_lowering(prim: Primitive, make_rule) -> None:
 
   Idempotent: a rule already made by ``make_rule`` is left alone.
   """
+  if prim is pallas_call_p and not getattr(
+      pallas_call_module._pallas_call_lowering, "_fast_interpret_rule", False):  # pylint: disable=protected-access
+    # core_map's fallback lowering (mpmd.py) calls this function directly.
+    wrapped = make_rule(pallas_call_module._pallas_call_lowering)  # pylint: disable=protected-access
+    wrapped._fast_interpret_rule = True  # pylint: disable=protected-access
+    pallas_call_module._pallas_call_lowering = wrapped  # pylint: disable=protected-access
   tables = [mlir._lowerings] + list(  # pylint: disable=protected-access
       mlir._platform_specific_lowerings.values())  # pylint: disable=protected-access
   for table in tables:
