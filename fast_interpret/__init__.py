@@ -17,6 +17,10 @@ Modules:
   dma_rules      DMAs and semaphores.
   control_rules  cond, while, scan, jit, run_scoped.
   program_rules  program ids and grid sizes.
+  checks         runtime checks and how their errors surface.
+  flags          absl flags / environment variables: the fidelity dial.
+  fences         fusion fences against XLA:CPU recomputation.
+  pytest_plugin  --fast-interpret for whole test sessions.
   errors         the exceptions we raise.
   _jax           the only module that imports jax internals.
 """
@@ -24,7 +28,8 @@ Modules:
 from fast_interpret import lowering as _lowering
 from fast_interpret.errors import (FastInterpretError, UnsupportedFeatureError,
                                    UnsupportedPrimitiveError)
-from fast_interpret.modes import (force_fast_interpret_mode,
+from fast_interpret.checks import KernelCheckError
+from fast_interpret.modes import (force_fast_interpret_mode, params_for_level,
                                   set_fast_interpret_mode)
 from fast_interpret.params import FastInterpretParams
 
@@ -34,6 +39,8 @@ __all__ = [
     "FastInterpretParams",
     "force_fast_interpret_mode",
     "set_fast_interpret_mode",
+    "params_for_level",
+    "KernelCheckError",
     "FastInterpretError",
     "UnsupportedFeatureError",
     "UnsupportedPrimitiveError",

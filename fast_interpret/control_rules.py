@@ -13,6 +13,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
+from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
 from fast_interpret.interpreter import RuleContext, register_rule
@@ -20,9 +21,13 @@ from fast_interpret.state import (KernelState, RefHandle, memory_space_of,
                                   storage_dtype, uninitialized)
 
 
-def _written(closed: _jax.ClosedJaxpr, invals) -> set[int]:
-  return interpreter.written_buffer_ids(closed.jaxpr,
-                                        [*closed.consts, *invals])
+def _written(state: KernelState, closed: _jax.ClosedJaxpr, invals
+             ) -> set[int]:
+  """Buffers a body may write: its written refs, and the error word."""
+  ids = interpreter.written_buffer_ids(closed.jaxpr, [*closed.consts, *invals])
+  if checks.ERROR_ID in state.buffers:
+    ids.add(checks.ERROR_ID)
+  return ids
 
 
 def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
@@ -37,7 +42,7 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
 def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
                **_):
   """``lax.cond``/``lax.switch``/``pl.when``: a ``lax.switch`` over branches."""
-  carried = set().union(*(_written(b, ops) for b in branches))
+  carried = set().union(*(_written(state, b, ops) for b in branches))
 
   def make_branch(closed):
     def branch(buffers):
@@ -59,8 +64,8 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
   cond_consts = invals[:cond_nconsts]
   body_consts = invals[cond_nconsts:cond_nconsts + body_nconsts]
   init = invals[cond_nconsts + body_nconsts:]
-  carried = (_written(body_jaxpr, [*body_consts, *init])
-             | _written(cond_jaxpr, [*cond_consts, *init]))
+  carried = (_written(state, body_jaxpr, [*body_consts, *init])
+             | _written(state, cond_jaxpr, [*cond_consts, *init]))
 
   def cond_fn(carry):
     buffers, vals = carry
@@ -86,7 +91,7 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   consts = invals[:num_consts]
   init = invals[num_consts:num_consts + num_carry]
   xs = invals[num_consts + num_carry:]
-  carried = _written(jaxpr, [*consts, *init, *xs])
+  carried = _written(state, jaxpr, [*consts, *init, *xs])
 
   def body_fn(carry, x):
     buffers, vals = carry

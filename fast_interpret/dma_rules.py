@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_interpret import _jax
+from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import views
 from fast_interpret.interpreter import RuleContext, register_rule
@@ -45,12 +46,25 @@ def _nbytes(value) -> int:
   return math.prod(value.shape) * np.dtype(value.dtype).itemsize
 
 
-def _add_to_semaphore(state: KernelState, sem, amount) -> KernelState:
+def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
+                      what: str = "") -> KernelState:
+  """Adds ``amount`` to a semaphore; with checks, a negative count is an error.
+
+  A count below zero means a wait asked for more than was (or ever will be,
+  in this eager model) signalled: on a TPU that wait would hang.
+  """
   handle, transforms = _view(sem)
-  _, buf = views.update(
+  new, buf = views.update(
       state.read(handle.buffer_id), transforms,
-      lambda v: (None, v + jnp.asarray(amount, jnp.int32)))
-  return state.write(handle.buffer_id, buf)
+      lambda v: (v + jnp.asarray(amount, jnp.int32),) * 2)
+  state = state.write(handle.buffer_id, buf)
+  if ctx.check_semaphores and what:
+    state = checks.record(
+        state, ctx.sites, ctx.grid_step, jnp.any(new < 0),
+        f"semaphore: {what} on {handle.name} waits for more than was "
+        "signalled (count would be {0}); on a TPU this wait never returns",
+        [jnp.min(new)])
+  return state
 
 
 def _require_local(ctx: RuleContext, device_id, what: str) -> None:
@@ -71,7 +85,10 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   del src_sem  # Only remote copies have a send semaphore.
   src_h, src_t = _view(src)
   dst_h, dst_t = _view(dst)
-  value = views.read(state.read(src_h.buffer_id), src_t)
+  src_report, dst_report = checks.bounds_report(ctx), checks.bounds_report(ctx)
+  value = views.read(state.read(src_h.buffer_id), src_t, src_report)
+  state = checks.record_bounds(ctx, state, src_report, src_h.name,
+                               "DMA source")
 
   def put(view):
     if view.shape != value.shape:
@@ -82,9 +99,11 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
     new = view + value.astype(view.dtype) if add else value.astype(view.dtype)
     return None, new
 
-  _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put)
+  _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
+  state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
+                               "DMA destination")
   state = state.write(dst_h.buffer_id, buf)
-  return _add_to_semaphore(state, dst_sem, _nbytes(value)), []
+  return _add_to_semaphore(ctx, state, dst_sem, _nbytes(value)), []
 
 
 @register_rule(_jax.dma_wait_p)
@@ -96,7 +115,8 @@ def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   _require_local(ctx, device_id, "DMA wait")
   src_h, src_t = _view(src)
   shape = views.read(state.read(src_h.buffer_id), src_t)
-  return _add_to_semaphore(state, dst_sem, -_nbytes(shape)), []
+  return _add_to_semaphore(ctx, state, dst_sem, -_nbytes(shape),
+                           "a DMA wait"), []
 
 
 @register_rule(_jax.semaphore_signal_p)
@@ -111,19 +131,19 @@ def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
     raise errors.UnsupportedFeatureError(
         "semaphore_signal with core_index", ctx.kernel_name)
   handle = sem.with_transforms(sem_transforms)
-  return _add_to_semaphore(state, handle, inc), []
+  return _add_to_semaphore(ctx, state, handle, inc), []
 
 
 @register_rule(_jax.semaphore_wait_p)
 def _semaphore_wait_rule(ctx: RuleContext, state: KernelState, *flat,
                          args_tree, **_):
   """``pl.semaphore_wait``: subtracts ``value`` (when decrementing)."""
-  del ctx
   sem, sem_transforms, value, decrement = _jax.tree_unflatten(args_tree, flat)
   if not decrement:
     return state, []
   handle = sem.with_transforms(sem_transforms)
-  return _add_to_semaphore(state, handle, -jnp.asarray(value, jnp.int32)), []
+  return _add_to_semaphore(ctx, state, handle, -jnp.asarray(value, jnp.int32),
+                           "a semaphore wait"), []
 
 
 @register_rule(_jax.semaphore_read_p)

@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
+from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import interpreter
@@ -295,30 +296,42 @@ def interpret_pallas_call(
   kernel_args = [*scalar_handles, *map(handle, operands), *scratch_handles]
   written = interpreter.written_buffer_ids(jaxpr, kernel_args)
   input_block_ids = {op.block_id for op in in_ops if op.block_id is not None}
+  check_bounds = interpret_params.out_of_bounds_reads == "raise"
+  check_semaphores = interpret_params.check_semaphores
+  sites = checks.Sites(kernel_name)
+  if check_bounds or check_semaphores:
+    buffers[checks.ERROR_ID] = checks.initial_word()
   carried = ({op.hbm_id for op in out_ops}
              | {op.block_id for op in out_ops if op.block_id is not None}
              | {h.buffer_id for h in scratch_handles}
-             | (written - input_block_ids))
+             | (written - input_block_ids)
+             | ({checks.ERROR_ID} & buffers.keys()))
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
   visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
   ctx = interpreter.RuleContext(
       params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
-      opaque_true=fences.opaque_true(*scalars, *inputs))
+      opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
+      check_bounds=check_bounds, check_semaphores=check_semaphores)
 
   def step_fn(step, carry: dict[int, Any], last_step) -> dict[int, Any]:
     coords = _unravel(step, grid) if grid else ()
     state = KernelState({**invariant, **carry})
-    starts = [_block_starts(op, _eval_index_map(ctx, state, op, coords,
-                                                scalar_handles))
-              for op in operands]
+    ctx_here = dataclasses.replace(ctx, grid_step=step)
+    block_indices = [_eval_index_map(ctx_here, state, op, coords,
+                                     scalar_handles) for op in operands]
+    if check_bounds:
+      for op, idx in zip(operands, block_indices, strict=True):
+        state = _check_block_index(ctx_here, state, op, idx)
+    starts = [_block_starts(op, idx)
+              for op, idx in zip(operands, block_indices, strict=True)]
     for op, st in zip(in_ops, starts[:len(in_ops)], strict=True):
       if op.block_id is not None:
         state = state.add(op.block_id,
                           _read_block(state.read(op.hbm_id), op, st))
     step_ctx = dataclasses.replace(
-        ctx, program_ids=tuple(coords[d] for d in visible))
+        ctx_here, program_ids=tuple(coords[d] for d in visible))
     before = state
     state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (),
                                       kernel_args)
@@ -354,7 +367,49 @@ def interpret_pallas_call(
     carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
                        interpret_params.num_cores_or_threads,
                        shared_ids={op.hbm_id for op in operands})
+  if check_semaphores:
+    carry = _check_semaphores_released(ctx, carry, scratch_handles, num_steps)
+  if checks.ERROR_ID in carry:
+    checks.raise_if_failed(carry[checks.ERROR_ID], sites)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
+
+
+def _check_block_index(ctx, state, op: Operand, block_indices):
+  """An index map must select a block inside the (padded) array."""
+  if op.block_id is None:
+    return state
+  bad = False
+  for dim, idx, size, padded in zip(op.mapping.block_shape, block_indices,
+                                    op.block_sizes, op.padded_shape,
+                                    strict=True):
+    if isinstance(dim, _jax.Blocked):
+      limit = padded // size
+    elif isinstance(dim, _jax.Element):
+      limit = padded - size + 1
+    else:
+      limit = padded
+    bad = bad | (jnp.asarray(idx) < 0) | (jnp.asarray(idx) >= limit)
+  where = ", ".join(f"{{{i}}}" for i in range(min(len(block_indices), 6)))
+  return checks.record(
+      state, ctx.sites, ctx.grid_step, bad,
+      f"out of bounds: the index map of {op.name} selects block [{where}], "
+      f"outside the array of shape {op.mapping.array_aval.shape} in blocks "
+      f"of {op.block_sizes}", list(block_indices))
+
+
+def _check_semaphores_released(ctx, carry, scratch_handles, num_steps):
+  """Semaphores left non-zero when the kernel ends are an error, as on TPU."""
+  state = KernelState(carry)
+  for h in scratch_handles:
+    if h.is_semaphore:
+      value = state.read(h.buffer_id)
+      state = checks.record(
+          state, ctx.sites, jnp.asarray(num_steps, jnp.int32) - 1,
+          jnp.any(value != 0),
+          f"semaphore: {h.name} is left at {{0}} when the kernel ends; every "
+          "signal (and DMA) must be matched by a wait", [value.ravel()[
+              jnp.argmax(value.ravel() != 0)]])
+  return state.buffers
 
 
 def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,

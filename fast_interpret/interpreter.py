@@ -56,6 +56,10 @@ class RuleContext:
     eqn: the equation being simulated (for avals and source info).
     opaque_true: a run-time True the compiler cannot fold, for fusion fences
       (see fences.py); None disables fences.
+    sites: the kernel's check sites (checks.Sites), or None without checks.
+    grid_step: the flat index of the current grid step, for error reports.
+    check_bounds: whether ref, DMA and block indices are bounds-checked.
+    check_semaphores: whether semaphore counts are checked.
   """
 
   params: Any
@@ -66,6 +70,10 @@ class RuleContext:
   grid_names: tuple[Any, ...] | None = None
   eqn: _jax.JaxprEqn | None = None
   opaque_true: Any = None
+  sites: Any = None
+  grid_step: Any = 0
+  check_bounds: bool = False
+  check_semaphores: bool = False
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fast_interpret import _jax
+from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import views
 from fast_interpret.interpreter import RuleContext, register_rule
@@ -39,8 +40,10 @@ def _get_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, *idx,
               tree):
   """Simulates ``ref[idx]``: a slice of the buffer. No fidelity lost."""
   _check_direct_access(ctx, ref, "a load")
-  return state, views.read(state.read(ref.buffer_id),
-                           _transforms(ref, tree, idx))
+  report = checks.bounds_report(ctx)
+  value = views.read(state.read(ref.buffer_id), _transforms(ref, tree, idx),
+                     report)
+  return checks.record_bounds(ctx, state, report, ref.name, "load"), value
 
 
 @register_rule(_jax.swap_p)
@@ -48,8 +51,10 @@ def _swap_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, val,
                *idx, tree):
   """Simulates ``ref[idx] = val`` (returning the old value)."""
   _check_direct_access(ctx, ref, "a store")
+  report = checks.bounds_report(ctx)
   old, buf = views.swap(state.read(ref.buffer_id),
-                        _transforms(ref, tree, idx), val)
+                        _transforms(ref, tree, idx), val, report)
+  state = checks.record_bounds(ctx, state, report, ref.name, "store")
   return state.write(ref.buffer_id, buf), old
 
 
@@ -58,7 +63,10 @@ def _addupdate_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, val,
                     *idx, tree):
   """Simulates ``ref[idx] += val``."""
   _check_direct_access(ctx, ref, "an accumulate")
-  buf = views.add(state.read(ref.buffer_id), _transforms(ref, tree, idx), val)
+  report = checks.bounds_report(ctx)
+  buf = views.add(state.read(ref.buffer_id), _transforms(ref, tree, idx), val,
+                  report)
+  state = checks.record_bounds(ctx, state, report, ref.name, "accumulate")
   return state.write(ref.buffer_id, buf), []
 
 
@@ -72,8 +80,10 @@ def _masked_load_rule(ctx: RuleContext, state: KernelState, *flat, args_tree,
   """
   ref, transforms, mask, other = _jax.tree_unflatten(args_tree, flat)
   _check_direct_access(ctx, ref, "a load")
+  report = checks.bounds_report(ctx)
   value = views.read(state.read(ref.buffer_id),
-                     ref.transforms + tuple(transforms or ()))
+                     ref.transforms + tuple(transforms or ()), report)
+  state = checks.record_bounds(ctx, state, report, ref.name, "masked load")
   if mask is None:
     return state, value
   if other is None:
@@ -89,10 +99,12 @@ def _masked_swap_rule(ctx: RuleContext, state: KernelState, *flat, args_tree,
   _check_direct_access(ctx, ref, "a store")
   transforms = ref.transforms + tuple(transforms or ())
   buf = state.read(ref.buffer_id)
+  report = checks.bounds_report(ctx)
   if mask is None:
-    old, buf = views.swap(buf, transforms, val)
+    old, buf = views.swap(buf, transforms, val, report)
   else:
-    old, buf = views.masked_swap(buf, transforms, val, mask)
+    old, buf = views.masked_swap(buf, transforms, val, mask, report)
+  state = checks.record_bounds(ctx, state, report, ref.name, "masked store")
   return state.write(ref.buffer_id, buf), old
 
 

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from fast_interpret import _jax
+from fast_interpret import flags
 from fast_interpret.params import FastInterpretParams
 
 
@@ -20,7 +21,9 @@ def force_fast_interpret_mode(
   a function jitted and cached before entering keeps its compiled form.
 
   Args:
-    params: the parameters to use; ``FastInterpretParams()`` by default.
+    params: the parameters to use; by default those of the fidelity level in
+      force (``--fast_interpret_fidelity``): ``FastInterpretParams()``, or
+      ``pltpu.InterpretParams()`` for level ``tpu``.
 
   Yields:
     The parameters in force.
@@ -30,7 +33,7 @@ def force_fast_interpret_mode(
     with fast_interpret.force_fast_interpret_mode():
       out = flash_attention(q, k, v)
   """
-  params = FastInterpretParams() if params is None else params
+  params = params_for_level() if params is None else params
   _check(params)
   prev = _jax.interpret_mode_config.swap_local(params)
   try:
@@ -53,9 +56,22 @@ def set_fast_interpret_mode(params: FastInterpretParams | None = None) -> None:
   _jax.interpret_mode_config.set_global(params)
 
 
+def params_for_level(level: str | None = None):
+  """Interpret params for a fidelity level (default: the level in force).
+
+  ``fast`` and ``checked`` give ``FastInterpretParams``; ``tpu`` gives
+  ``pltpu.InterpretParams()`` (full simulation, race detection included).
+  """
+  level = flags.fidelity_level() if level is None else level
+  if level == "tpu":
+    return _jax.InterpretParams(detect_races=True)
+  return FastInterpretParams(**flags.preset_fields(level))
+
+
 def _check(params) -> None:
-  if not isinstance(params, FastInterpretParams):
+  # pltpu.InterpretParams is allowed too: it is what fidelity level tpu means.
+  if not isinstance(params, _jax.InterpretParams):
     raise TypeError(
         "fast_interpret: expected FastInterpretParams, got "
-        f"{type(params).__name__}. For JAX's own modes use "
-        "pltpu.force_tpu_interpret_mode.")
+        f"{type(params).__name__}. For interpret=True use "
+        "pltpu.force_tpu_interpret_mode(True).")

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Literal
 
 from fast_interpret import _jax
+from fast_interpret import flags
 
 _TPU_MODE_HINT = (
     "Use interpret=pltpu.InterpretParams(...) for that: it simulates every "
@@ -41,6 +42,9 @@ class FastInterpretParams(_jax.InterpretParams):
   core timing, hardware PRNG bit streams, exact TPU float rounding of
   transcendental functions.
 
+  Defaults of the fidelity fields come from absl flags and environment
+  variables (see ``fast_interpret.flags``); explicit arguments win.
+
   Example::
 
     out = pl.pallas_call(kernel, out_shape=...,
@@ -61,8 +65,17 @@ class FastInterpretParams(_jax.InterpretParams):
       semaphores, and HBM is shared. Cores run one after another, not in
       lock step.
     skip_floating_point_ops: must be False.
-    out_of_bounds_reads: accepted for compatibility; out-of-bounds indices are
-      clamped like XLA's dynamic_slice until bounds checks land.
+    out_of_bounds_reads: ``"raise"`` (default) checks every ref index, DMA
+      slice and block index against its buffer and raises
+      ``KernelCheckError`` (message prefix ``fast_interpret: out of bounds:``)
+      after the call, naming the kernel, operand, grid step and indices.
+      ``"uninitialized"`` turns the checks off; an out-of-range dynamic start
+      is then clamped into range (XLA semantics), not filled with the
+      uninitialised value as ``pltpu.InterpretParams`` does.
+    check_semaphores: True (default) raises (prefix ``fast_interpret:
+      semaphore:``) when a wait asks for more than was signalled (a TPU would
+      hang), when a DMA wait names a different size than its copy, and when a
+      scratch semaphore is non-zero as the kernel ends.
     grid_point_recorder: must be None (it would need a host callback).
     random_seed: accepted; grid order is deterministic in this mode.
     allow_hbm_allocation_in_run_scoped: if True, ``pl.run_scoped`` may allocate
@@ -71,6 +84,23 @@ class FastInterpretParams(_jax.InterpretParams):
   """
 
   dma_execution_mode: Literal["eager", "on_wait"] = "eager"
+  out_of_bounds_reads: Literal["raise", "uninitialized"] = dataclasses.field(
+      default_factory=flags.default_factory("out_of_bounds_reads"))
+  uninitialized_memory: Literal["nan", "zero"] = dataclasses.field(
+      default_factory=flags.default_factory("uninitialized_memory"))
+  num_cores_or_threads: int = dataclasses.field(
+      default_factory=flags.default_factory("num_cores_or_threads"))
+  check_semaphores: bool = dataclasses.field(
+      default_factory=flags.default_factory("check_semaphores"))
+
+  @classmethod
+  def unchecked(cls, **overrides) -> FastInterpretParams:
+    """Params with every runtime check off: no host callback at all."""
+    return cls(**{**flags.preset_fields("fast"), **overrides})
+
+  @property
+  def checks_enabled(self) -> bool:
+    return self.out_of_bounds_reads == "raise" or self.check_semaphores
 
   def __post_init__(self):
     super().__post_init__()
@@ -85,6 +115,10 @@ class FastInterpretParams(_jax.InterpretParams):
     _require(self.dma_execution_mode == "eager",
              f"dma_execution_mode={self.dma_execution_mode!r}",
              "only eager DMAs are modelled so far.")
+    if self.out_of_bounds_reads not in ("raise", "uninitialized"):
+      raise ValueError(
+          "FastInterpretParams: out_of_bounds_reads must be 'raise' or "
+          f"'uninitialized', got {self.out_of_bounds_reads!r}.")
     if self.uninitialized_memory not in ("nan", "zero"):
       raise ValueError(
           "FastInterpretParams: uninitialized_memory must be 'nan' or 'zero', "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +50,36 @@ def _as_window(indexer):
   return starts, sizes, tuple(squeeze)
 
 
-def _index_read(x: Array, indexer) -> Array:
+def _bounds(shape, indexer, report) -> None:
+  """Appends ``(out_of_bounds, starts, shape)`` for ``indexer`` to ``report``.
+
+  ``out_of_bounds`` is a Python bool when the indices are static, else a
+  traced scalar bool.
+  """
+  if report is None:
+    return
+  static_bad, dynamic_bad, starts = False, None, []
+  for idx, dim in zip(indexer.indices, shape, strict=True):
+    if isinstance(idx, _jax.Slice):
+      start, last = idx.start, idx.start + (idx.size - 1) * idx.stride
+      lo, hi = start, last
+    else:
+      lo = hi = idx
+      if getattr(idx, "shape", ()) != ():
+        lo, hi = jnp.min(idx), jnp.max(idx)
+      start = lo
+    starts.append(start)
+    if _static_int(lo) is not None and _static_int(hi) is not None:
+      static_bad = static_bad or _static_int(lo) < 0 or _static_int(hi) >= dim
+    else:
+      here = (jnp.asarray(lo) < 0) | (jnp.asarray(hi) >= dim)
+      dynamic_bad = here if dynamic_bad is None else dynamic_bad | here
+  bad = True if static_bad else (False if dynamic_bad is None else dynamic_bad)
+  report.append((bad, starts, tuple(shape)))
+
+
+def _index_read(x: Array, indexer, report=None) -> Array:
+  _bounds(x.shape, indexer, report)
   window = _as_window(indexer)
   if window is None:
     return _jax.index_array(x, indexer)
@@ -69,6 +97,7 @@ def _index_read(x: Array, indexer) -> Array:
 
 
 def _index_write(x: Array, indexer, val: Array) -> Array:
+  # Bounds were reported when the view was read on the way in.
   window = _as_window(indexer)
   if window is None:
     _, new_x = _jax.transform_swap_array(x, [indexer], val)
@@ -86,9 +115,9 @@ def _index_args(starts):
           else np.int32(_static_int(s)) for s in starts]
 
 
-def _forward(x: Array, transform) -> Array:
+def _forward(x: Array, transform, report=None) -> Array:
   if isinstance(transform, _jax.NDIndexer):
-    return _index_read(x, transform)
+    return _index_read(x, transform, report)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(x, transform.dtype)
   if isinstance(transform, _jax.ReshapeTransform):
@@ -114,25 +143,30 @@ def _backward(x: Array, transform, new_view: Array) -> Array:
       f"fast_interpret: unsupported feature: ref transform {transform!r}")
 
 
-def read(buf: Array, transforms) -> Array:
-  """The value of the view ``buf[transforms]``."""
+def read(buf: Array, transforms, report=None) -> Array:
+  """The value of the view ``buf[transforms]``.
+
+  If ``report`` is a list, a bounds record is appended for every indexer
+  (see ``_bounds``).
+  """
   for t in transforms:
-    buf = _forward(buf, t)
+    buf = _forward(buf, t, report)
   return buf
 
 
-def update(buf: Array, transforms, fn: Callable[[Array], tuple[Any, Array]]
-           ) -> tuple[Any, Array]:
+def update(buf: Array, transforms, fn: Callable[[Array], tuple[Any, Array]],
+           report=None) -> tuple[Any, Array]:
   """Replaces the view by ``fn(view)[1]``; returns ``(fn(view)[0], buf')``."""
   if not transforms:
     return fn(buf)
   head, rest = transforms[0], transforms[1:]
-  sub = _forward(buf, head)
-  out, new_sub = update(sub, rest, fn)
+  sub = _forward(buf, head, report)
+  out, new_sub = update(sub, rest, fn, report)
   return out, _backward(buf, head, new_sub)
 
 
-def swap(buf: Array, transforms, val: Array) -> tuple[Array, Array]:
+def swap(buf: Array, transforms, val: Array, report=None
+         ) -> tuple[Array, Array]:
   """Writes ``val`` into the view; returns (old view value, new buffer)."""
   def fn(view):
     if view.shape != val.shape:
@@ -140,23 +174,20 @@ def swap(buf: Array, transforms, val: Array) -> tuple[Array, Array]:
           f"fast_interpret: store of shape {val.shape} into a view of shape "
           f"{view.shape}")
     return view, val.astype(view.dtype)
-  return update(buf, transforms, fn)
+  return update(buf, transforms, fn, report)
 
 
-def masked_swap(buf, transforms, val, mask) -> tuple[Array, Array]:
+def masked_swap(buf, transforms, val, mask, report=None
+                ) -> tuple[Array, Array]:
   """Writes ``val`` where ``mask`` is true; returns (old view, new buffer)."""
   def fn(view):
     m = jnp.broadcast_to(mask, view.shape)
     return view, jnp.where(m, jnp.broadcast_to(val, view.shape).astype(
         view.dtype), view)
-  return update(buf, transforms, fn)
+  return update(buf, transforms, fn, report)
 
 
-def add(buf: Array, transforms, val: Array) -> Array:
+def add(buf: Array, transforms, val: Array, report=None) -> Array:
   """Adds ``val`` into the view; returns the new buffer."""
-  _, new = update(buf, transforms, lambda view: (None, view + val))
+  _, new = update(buf, transforms, lambda view: (None, view + val), report)
   return new
-
-
-def tree_leaves(tree) -> list[Any]:
-  return jax.tree_util.tree_leaves(tree)

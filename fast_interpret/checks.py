@@ -1,0 +1,119 @@
+"""Runtime checks: an error word in the kernel state, raised after the call.
+
+When a check is enabled, ``KernelState.buffers[ERROR_ID]`` holds an int32
+vector ``[site + 1, grid step, v0, v1, ...]``; 0 in the first slot means no
+error. A check that fails at run time records its *site* (a static message
+template registered while tracing) and the offending values, unless an
+earlier error is already recorded: the first error wins, as on hardware where
+the first fault stops the kernel.
+
+After the grid loop, one host callback reads the word and raises
+``KernelCheckError`` with the kernel name, the operand, the grid step and the
+values. That callback is emitted only when some check is enabled and the
+kernel has a dynamic check site; with every check off the program holds no
+callback at all. A check whose outcome is known while tracing (a static index
+out of bounds) raises at trace time instead.
+
+Errors leave no global state behind: the next call starts clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+from jax.experimental import io_callback
+import jax.numpy as jnp
+import numpy as np
+
+from fast_interpret import errors
+
+ERROR_ID = -1
+_NUM_VALUES = 6
+_WORD = 2 + _NUM_VALUES
+
+
+class KernelCheckError(errors.FastInterpretError, RuntimeError):
+  """A runtime check failed inside a fast-interpreted kernel."""
+
+
+@dataclasses.dataclass
+class Sites:
+  """Message templates of the checks in one kernel, indexed by site id."""
+
+  kernel_name: str
+  templates: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, template: str) -> int:
+    self.templates.append(template)
+    return len(self.templates) - 1
+
+  def message(self, word: np.ndarray) -> str:
+    site, step = int(word[0]) - 1, int(word[1])
+    values = [int(v) for v in word[2:]]
+    return (f"fast_interpret: {self.templates[site].format(*values)} "
+            f"(kernel {self.kernel_name!r}, grid step {step})")
+
+
+def initial_word() -> jax.Array:
+  return jnp.zeros((_WORD,), jnp.int32)
+
+
+def record(state, sites: Sites, step, failed, template: str,
+           values: Sequence[Any] = ()):
+  """Returns ``state`` with an error recorded where ``failed`` holds.
+
+  ``template`` is formatted with ``values`` (up to six ints) when the error is
+  reported. A ``failed`` known to be True while tracing raises now.
+  """
+  if failed is None or failed is False:
+    return state
+  if failed is True:
+    static = [int(v) if _is_static(v) else "?" for v in values]
+    raise KernelCheckError(
+        f"fast_interpret: {template.format(*static)} "
+        f"(kernel {sites.kernel_name!r}, found while tracing)")
+  if ERROR_ID not in state.buffers:
+    return state
+  site = sites.add(template)
+  vals = [jnp.asarray(v, jnp.int32).reshape(()) for v in values][:_NUM_VALUES]
+  vals += [jnp.int32(0)] * (_NUM_VALUES - len(vals))
+  new = jnp.stack([jnp.int32(site + 1), jnp.asarray(step, jnp.int32), *vals])
+  word = state.read(ERROR_ID)
+  keep_old = word[0] != 0
+  return state.write(ERROR_ID, jnp.where(keep_old | ~failed, word, new))
+
+
+def _is_static(v) -> bool:
+  return isinstance(v, (int, np.integer)) or (
+      isinstance(v, np.ndarray) and v.shape == ())
+
+
+def raise_if_failed(word, sites: Sites) -> None:
+  """Emits the one host callback that raises a recorded error."""
+  if not sites.templates:
+    return
+
+  def check(word):
+    word = np.asarray(word)
+    if word[0] != 0:
+      raise KernelCheckError(sites.message(word))
+
+  io_callback(check, None, word)
+
+
+def bounds_report(ctx) -> list | None:
+  """A list to collect bounds records in, or None when bounds are unchecked."""
+  return [] if ctx.check_bounds else None
+
+
+def record_bounds(ctx, state, report, name: str, what: str):
+  """Records an error for every out-of-bounds indexer in ``report``."""
+  for bad, starts, shape in report or ():
+    starts = list(starts)[:_NUM_VALUES]
+    where = ", ".join(f"{{{i}}}" for i in range(len(starts)))
+    template = (f"out of bounds: {what} of {name} at index [{where}] (the "
+                f"start of each dimension) in a view of shape {shape}")
+    state = record(state, ctx.sites, ctx.grid_step, bad, template, starts)
+  return state
