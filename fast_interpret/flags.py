@@ -27,8 +27,10 @@ from absl import flags
 LEVELS = ("fast", "checked", "tpu")
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"out_of_bounds_reads": "uninitialized", "check_semaphores": False},
-    "checked": {"out_of_bounds_reads": "raise", "check_semaphores": True},
+    "fast": {"out_of_bounds_reads": "uninitialized", "check_semaphores": False,
+             "check_output_revisits": False},
+    "checked": {"out_of_bounds_reads": "raise", "check_semaphores": True,
+                "check_output_revisits": True},
     "tpu": {},
 }
 
@@ -61,6 +63,9 @@ _define("uninitialized_memory", flags.DEFINE_enum, "nan",
 _define("check_semaphores", flags.DEFINE_boolean, True,
         "Raise on semaphore waits that would hang and on semaphores left "
         "non-zero at kernel exit.", _parse_bool)
+_define("check_output_revisits", flags.DEFINE_boolean, True,
+        "Raise when an output block is written back again after the grid "
+        "moved to other blocks.", _parse_bool)
 _define("num_cores_or_threads", flags.DEFINE_integer, 1,
         "Simulated TensorCores per device.", int)
 if "fast_interpret_fidelity" not in flags.FLAGS:

@@ -299,12 +299,20 @@ def interpret_pallas_call(
   check_bounds = interpret_params.out_of_bounds_reads == "raise"
   check_semaphores = interpret_params.check_semaphores
   sites = checks.Sites(kernel_name)
-  if check_bounds or check_semaphores:
+  if interpret_params.checks_enabled:
     buffers[checks.ERROR_ID] = checks.initial_word()
+  visited_ids = {}
+  if interpret_params.check_output_revisits:
+    for op in out_ops:
+      if op.block_id is not None and _revisit_grid(op) is not None:
+        visited_ids[op.hbm_id] = ids.fresh()
+        buffers[visited_ids[op.hbm_id]] = jnp.zeros(_revisit_grid(op),
+                                                    jnp.bool_)
   carried = ({op.hbm_id for op in out_ops}
              | {op.block_id for op in out_ops if op.block_id is not None}
              | {h.buffer_id for h in scratch_handles}
              | (written - input_block_ids)
+             | set(visited_ids.values())
              | ({checks.ERROR_ID} & buffers.keys()))
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
@@ -341,7 +349,8 @@ def interpret_pallas_call(
     # to another block, or when this core's last step is done.
     next_coords = _unravel(step + 1, grid) if grid else ()
     is_last = step == last_step
-    for op, st in zip(out_ops, starts[len(in_ops):], strict=True):
+    for op, st, idx in zip(out_ops, starts[len(in_ops):],
+                           block_indices[len(in_ops):], strict=True):
       if op.block_id is None:
         continue
       nxt = _block_starts(op, _eval_index_map(ctx, state, op, next_coords,
@@ -349,6 +358,9 @@ def interpret_pallas_call(
       write = is_last | _index_changes(st, nxt)
       state = state.write(op.hbm_id, _write_block(
           state.read(op.hbm_id), op, st, state.read(op.block_id), write))
+      if op.hbm_id in visited_ids:
+        state = _check_revisit(ctx_here, state, op, visited_ids[op.hbm_id],
+                               idx, write)
     return state.subset(carried)
 
   carry = {k: v for k, v in buffers.items() if k in carried}
@@ -366,7 +378,8 @@ def interpret_pallas_call(
   else:
     carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
                        interpret_params.num_cores_or_threads,
-                       shared_ids={op.hbm_id for op in operands})
+                       shared_ids={op.hbm_id for op in operands}
+                       | set(visited_ids.values()))
   if check_semaphores:
     carry = _check_semaphores_released(ctx, carry, scratch_handles, num_steps)
   if checks.ERROR_ID in carry:
@@ -395,6 +408,40 @@ def _check_block_index(ctx, state, op: Operand, block_indices):
       f"out of bounds: the index map of {op.name} selects block [{where}], "
       f"outside the array of shape {op.mapping.array_aval.shape} in blocks "
       f"of {op.block_sizes}", list(block_indices))
+
+
+def _revisit_grid(op: Operand) -> tuple[int, ...] | None:
+  """Shape of the table of an output's blocks, or None (Element dims)."""
+  shape = []
+  for dim, size, padded in zip(op.mapping.block_shape, op.block_sizes,
+                               op.padded_shape, strict=True):
+    if isinstance(dim, _jax.Element):
+      return None
+    shape.append(padded // size)
+  return tuple(shape)
+
+
+def _check_revisit(ctx, state, op: Operand, visited_id: int, block_indices,
+                   write):
+  """An output block written back twice was left and revisited.
+
+  On TPU the second visit starts from a stale VMEM buffer and its write-back
+  overwrites the first: almost always a bug (an 'arbitrary' dimension that
+  should be innermost, or a wrong index map).
+  """
+  visited = state.read(visited_id)
+  idx = [jnp.clip(jnp.asarray(i, jnp.int32), 0, n - 1)
+         for i, n in zip(block_indices, visited.shape, strict=True)]
+  seen = lax.dynamic_slice(visited, idx, (1,) * visited.ndim).reshape(())
+  where = ", ".join(f"{{{i}}}" for i in range(min(len(idx), 6)))
+  state = checks.record(
+      state, ctx.sites, ctx.grid_step, write & seen,
+      f"output revisited: block [{where}] of {op.name} is written back a "
+      "second time after the grid moved to another block; on TPU the second "
+      "visit starts from a stale buffer", list(block_indices))
+  new = lax.dynamic_update_slice(
+      visited, jnp.reshape(seen | write, (1,) * visited.ndim), idx)
+  return state.write(visited_id, new)
 
 
 def _check_semaphores_released(ctx, carry, scratch_handles, num_steps):

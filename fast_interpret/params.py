@@ -76,6 +76,11 @@ class FastInterpretParams(_jax.InterpretParams):
       semaphore:``) when a wait asks for more than was signalled (a TPU would
       hang), when a DMA wait names a different size than its copy, and when a
       scratch semaphore is non-zero as the kernel ends.
+    check_output_revisits: True (default) raises (prefix ``fast_interpret:
+      output revisited:``) when an output block is written back to HBM a
+      second time after the grid moved on to other blocks: on TPU the second
+      visit starts from a stale VMEM buffer. Outputs with ``pl.Element``
+      block dimensions are not checked.
     grid_point_recorder: must be None (it would need a host callback).
     random_seed: accepted; grid order is deterministic in this mode.
     allow_hbm_allocation_in_run_scoped: if True, ``pl.run_scoped`` may allocate
@@ -92,6 +97,8 @@ class FastInterpretParams(_jax.InterpretParams):
       default_factory=flags.default_factory("num_cores_or_threads"))
   check_semaphores: bool = dataclasses.field(
       default_factory=flags.default_factory("check_semaphores"))
+  check_output_revisits: bool = dataclasses.field(
+      default_factory=flags.default_factory("check_output_revisits"))
 
   @classmethod
   def unchecked(cls, **overrides) -> FastInterpretParams:
@@ -100,7 +107,8 @@ class FastInterpretParams(_jax.InterpretParams):
 
   @property
   def checks_enabled(self) -> bool:
-    return self.out_of_bounds_reads == "raise" or self.check_semaphores
+    return (self.out_of_bounds_reads == "raise" or self.check_semaphores
+            or self.check_output_revisits)
 
   def __post_init__(self):
     super().__post_init__()
