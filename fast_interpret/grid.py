@@ -293,6 +293,23 @@ def interpret_pallas_call(
       return RefHandle(op.hbm_id, space, op.name)
     return RefHandle(op.block_id, space, op.name)
 
+  def windowed(op: Operand, handle: RefHandle, block_indices) -> RefHandle:
+    """An HBM operand with a window (e.g. a vmapped dimension) is a view."""
+    if op.block_id is not None or op.trivial_window:
+      return handle
+    indices = []
+    for dim, idx, size in zip(op.mapping.block_shape, block_indices,
+                              op.block_sizes, strict=True):
+      start = jnp.asarray(idx, jnp.int32)
+      if isinstance(dim, _jax.Squeezed) or dim is None:
+        indices.append(start)
+      else:
+        if isinstance(dim, _jax.Blocked):
+          start = start * size
+        indices.append(_jax.Slice(start, size, 1))
+    return handle.with_transforms([_jax.NDIndexer.from_indices_shape(
+        tuple(indices), op.padded_shape)])
+
   kernel_args = [*scalar_handles, *map(handle, operands), *scratch_handles]
   written = interpreter.written_buffer_ids(jaxpr, kernel_args)
   input_block_ids = {op.block_id for op in in_ops if op.block_id is not None}
@@ -341,8 +358,11 @@ def interpret_pallas_call(
     step_ctx = dataclasses.replace(
         ctx_here, program_ids=tuple(coords[d] for d in visible))
     before = state
-    state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (),
-                                      kernel_args)
+    n_scalar = len(scalar_handles)
+    step_args = list(kernel_args)
+    for k, (op, idx) in enumerate(zip(operands, block_indices, strict=True)):
+      step_args[n_scalar + k] = windowed(op, kernel_args[n_scalar + k], idx)
+    state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (), step_args)
     interpreter.check_carried(before, state, carried | input_block_ids,
                               f"kernel {kernel_name}")
     # As on TPU, an output block goes back to HBM when the next step maps it

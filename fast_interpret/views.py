@@ -13,6 +13,7 @@ Out-of-range dynamic starts are clamped, as ``dynamic_slice`` does.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from jax import lax
@@ -30,6 +31,20 @@ def _static_int(x) -> int | None:
   if isinstance(x, np.ndarray) and x.shape == ():
     return int(x)
   return None
+
+
+def _normalized(indexer, shape):
+  """The indexer with static negative integer indices counted from the end."""
+  indices = []
+  changed = False
+  for idx, dim in zip(indexer.indices, shape, strict=True):
+    value = None if isinstance(idx, _jax.Slice) else _static_int(idx)
+    if value is not None and value < 0:
+      idx, changed = value + dim, True
+    indices.append(idx)
+  if not changed:
+    return indexer
+  return dataclasses.replace(indexer, indices=tuple(indices))
 
 
 def _as_window(indexer):
@@ -79,6 +94,7 @@ def _bounds(shape, indexer, report) -> None:
 
 
 def _index_read(x: Array, indexer, report=None) -> Array:
+  indexer = _normalized(indexer, x.shape)
   _bounds(x.shape, indexer, report)
   window = _as_window(indexer)
   if window is None:
@@ -98,6 +114,7 @@ def _index_read(x: Array, indexer, report=None) -> Array:
 
 def _index_write(x: Array, indexer, val: Array) -> Array:
   # Bounds were reported when the view was read on the way in.
+  indexer = _normalized(indexer, x.shape)
   window = _as_window(indexer)
   if window is None:
     _, new_x = _jax.transform_swap_array(x, [indexer], val)

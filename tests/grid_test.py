@@ -951,24 +951,18 @@ class TransformationsTest(chex.TestCase):
                                atol=1e-5)
 
 
-  # BUG: under jax.vmap, an operand with memory_space=pl.ANY gets a block
-  # mapping (Squeezed(), 8, 128) over a vmapped grid dim; the kernel must see
-  # the per-example (8, 128) slice, but fast_interpret hands it the whole
-  # batched HBM buffer (2, 8, 128), so the DMA's `.at[pl.ds(2, 4)]` fails
-  # while lowering ("slice start_indices must have length equal to the
-  # number of dimensions"). interpret=True gets this right (see
+  # Under jax.vmap an operand with memory_space=pl.ANY gets a block mapping
+  # (Squeezed(), 8, 128) over the vmapped grid dim: the kernel must see the
+  # per-example (8, 128) slice (as interpret=True does, see
   # test_vmap_of_kernel_with_hbm_operands_reference).
   @chex.variants(with_jit=True, without_jit=True)
-  @unittest.expectedFailure
   def test_vmap_of_kernel_with_hbm_input_and_dma(self):
     x = _data((2, 8, 128))
     out = np.asarray(self.variant(jax.vmap(_hbm_in_kernel_call))(x))
     np.testing.assert_array_equal(out, np.asarray(x)[:, 2:6])
 
-  # BUG: same root cause, for an HBM output written by DMA under vmap
-  # (fails while lowering: "zip() argument 2 is longer than argument 1").
+  # The same for an HBM output written by DMA under vmap.
   @chex.variants(with_jit=True, without_jit=True)
-  @unittest.expectedFailure
   def test_vmap_of_kernel_with_hbm_output_and_dma(self):
     x = _data((2, 8, 128))
     out = np.asarray(self.variant(jax.vmap(_hbm_out_kernel_call))(x))

@@ -266,13 +266,9 @@ class RefIndexingTest(chex.TestCase):
     out = self.variant(lambda x: _call(kernel, _sds((2, 4)), x))(X)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(X)[-2:, -4:])
 
-  # BUG: a negative static int index (`x_ref[-1]`, `o_ref[-1] = ...`) is not
-  # normalised: views._index_read/_index_write pass -1 to lax.slice /
-  # dynamic_update_slice, which fails while lowering with "TypeError: slice
-  # start_indices must have every element be nonnegative". interpret=True
-  # reads/writes the last row (NumPy semantics).
+  # A negative static int index (`x_ref[-1]`, `o_ref[-1] = ...`) counts from
+  # the end, as in NumPy and interpret=True.
   @chex.variants(with_jit=True, without_jit=True)
-  @unittest.expectedFailure
   def test_negative_int_index(self):
     def kernel(x_ref, o_ref):
       o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
