@@ -1,0 +1,658 @@
+"""Tests of the runtime checks of fast_interpret (the fidelity features).
+
+For every check there is a kernel with the bug, which must raise with the
+check's message prefix; the same kernel fixed (usually the same kernel with
+good scalar-prefetch values), which must pass and match a ``jnp`` reference;
+and the same buggy kernel with the check switched off (``unchecked()`` or the
+single field off), which must run without raising.
+
+Checks covered:
+  * dynamic ``pl.ds`` ref indexing out of bounds (load and store), with the
+    start read from scalar prefetch or an SMEM operand;
+  * block index maps selecting a block outside the array (input and output);
+  * DMA source and destination slices out of bounds;
+  * static out-of-bounds indices, found while tracing (``KernelCheckError``);
+  * semaphore waits asking for more than was signalled (must raise, never
+    hang);
+  * DMA and REGULAR semaphores left non-zero when the kernel ends;
+  * DMA waits whose size differs from the started copy (both directions);
+  * the uninitialised-memory fill (``nan``/int max versus ``zero``);
+  * errors leave no global state behind;
+  * the first error (earliest grid step) wins;
+  * the lowered program holds a host callback only when checks are on.
+
+Run:  python -m pytest tests/checks_test.py -q
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable
+import unittest
+from unittest import mock
+
+from absl import flags
+from absl.testing import absltest
+from absl.testing import flagsaver
+from absl.testing import parameterized
+import chex
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+
+import fast_interpret
+
+FI = fast_interpret.FastInterpretParams
+VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
+SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
+ANY = pl.BlockSpec(memory_space=pl.ANY)
+DMA = pltpu.SemaphoreType.DMA
+REGULAR = pltpu.SemaphoreType.REGULAR
+
+OOB = r"fast_interpret: out of bounds"
+SEM = r"fast_interpret: semaphore"
+
+ROWS, LANES = 16, 128
+X = jnp.arange(ROWS * LANES, dtype=jnp.float32).reshape(ROWS, LANES)
+
+
+_ENV = mock.patch.dict(os.environ)
+_FLAGS = flagsaver.flagsaver()
+
+
+def setUpModule():
+  # Each test picks the interpret mode of its calls; a session-wide override
+  # (pytest --fast-interpret) would replace it.
+  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+  if jax_config.pallas_tpu_interpret_mode_context_manager.get_global() is not None:
+    raise unittest.SkipTest("a global Pallas interpret mode is set")
+  # FastInterpretParams() here means the built-in defaults (every check on),
+  # whatever fidelity flags or FAST_INTERPRET_* variables the run was given.
+  _ENV.start()
+  for key in [k for k in os.environ if k.startswith("FAST_INTERPRET_")]:
+    del os.environ[key]
+  _FLAGS.__enter__()
+  for name in flags.FLAGS:
+    if name.startswith("fast_interpret_"):
+      flags.FLAGS[name].value = None
+      flags.FLAGS[name].present = 0
+
+
+def tearDownModule():
+  _FLAGS.__exit__(None, None, None)
+  _ENV.stop()
+
+
+def _sds(shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _i32(*values):
+  return jnp.asarray(values, jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Buggy kernels. Each case builds `f(params) -> fn` where `fn` takes arrays
+# only (so it can be jitted by chex variants), plus the arguments that trigger
+# the bug, arguments that do not, and the reference for the good arguments.
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  build: Callable[[Any, bool], Callable[..., Any]]  # (params, fixed) -> fn
+  bad_args: tuple
+  good_args: tuple
+  reference: Callable[..., Any]  # of good_args
+  error: str  # regex the error message must contain
+  field_off: dict  # the single FastInterpretParams field that turns it off
+
+
+# (a) Dynamic pl.ds starts out of bounds.
+
+
+def _load_kernel(s_ref, x_ref, o_ref):
+  o_ref[...] = x_ref[pl.ds(s_ref[0], 8), :]
+
+
+def _build_load(params, fixed):
+  del fixed
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(1,),
+      in_specs=[pl.BlockSpec((ROWS, LANES), lambda g, s: (0, 0))],
+      out_specs=pl.BlockSpec((8, LANES), lambda g, s: (0, 0)))
+  return pl.pallas_call(_load_kernel, out_shape=_sds((8, LANES)),
+                        grid_spec=grid_spec, interpret=params)
+
+
+def _store_kernel(s_ref, x_ref, o_ref):
+  # The start comes from an SMEM operand rather than scalar prefetch.
+  o_ref[...] = jnp.zeros_like(o_ref)
+  o_ref[pl.ds(s_ref[0], 8), :] = x_ref[...]
+
+
+def _build_store(params, fixed):
+  del fixed
+  return pl.pallas_call(_store_kernel, out_shape=_sds((ROWS, LANES)),
+                        in_specs=[SMEM, VMEM], out_specs=VMEM,
+                        interpret=params)
+
+
+# (b) Block index maps that read scalar prefetch.
+
+
+def _copy_block_kernel(s_ref, x_ref, o_ref):
+  del s_ref
+  o_ref[...] = x_ref[...] + 1.0
+
+
+def _build_block_in(params, fixed):
+  del fixed
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(2,),
+      in_specs=[pl.BlockSpec((8, LANES), lambda g, s: (s[g], 0))],
+      out_specs=pl.BlockSpec((8, LANES), lambda g, s: (g, 0)))
+  return pl.pallas_call(_copy_block_kernel, out_shape=_sds((ROWS, LANES)),
+                        grid_spec=grid_spec, interpret=params)
+
+
+def _build_block_out(params, fixed):
+  del fixed
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(2,),
+      in_specs=[pl.BlockSpec((8, LANES), lambda g, s: (g, 0))],
+      out_specs=pl.BlockSpec((8, LANES), lambda g, s: (s[g], 0)))
+  return pl.pallas_call(_copy_block_kernel, out_shape=_sds((ROWS, LANES)),
+                        grid_spec=grid_spec, interpret=params)
+
+
+# (c) DMA slices with a dynamic start out of bounds.
+
+
+def _dma_src_kernel(s_ref, x_hbm, o_ref, buf, sem):
+  copy = pltpu.make_async_copy(x_hbm.at[pl.ds(s_ref[0], 8)], buf, sem)
+  copy.start()
+  copy.wait()
+  o_ref[...] = buf[...]
+
+
+def _build_dma_src(params, fixed):
+  del fixed
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, in_specs=[ANY], out_specs=VMEM,
+      scratch_shapes=[pltpu.VMEM((8, LANES), jnp.float32), DMA(())])
+  return pl.pallas_call(_dma_src_kernel, out_shape=_sds((8, LANES)),
+                        grid_spec=grid_spec, interpret=params)
+
+
+def _dma_dst_kernel(s_ref, x_hbm, o_ref, buf, sem):
+  buf[...] = jnp.zeros_like(buf)
+  copy = pltpu.make_async_copy(x_hbm, buf.at[pl.ds(s_ref[0], 8)], sem)
+  copy.start()
+  copy.wait()
+  o_ref[...] = buf[...]
+
+
+def _build_dma_dst(params, fixed):
+  del fixed
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, in_specs=[ANY], out_specs=VMEM,
+      scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32), DMA(())])
+  return pl.pallas_call(_dma_dst_kernel, out_shape=_sds((ROWS, LANES)),
+                        grid_spec=grid_spec, interpret=params)
+
+
+# (e) A REGULAR semaphore wait asking for more than was signalled.
+
+
+def _sem_wait_kernel(n_ref, x_ref, o_ref, sem):
+  pl.semaphore_signal(sem, 1)
+  pl.semaphore_wait(sem, n_ref[0])
+  o_ref[...] = x_ref[...] * 2.0
+
+
+def _build_sem_wait(params, fixed):
+  del fixed
+  return pl.pallas_call(_sem_wait_kernel, out_shape=_sds((ROWS, LANES)),
+                        in_specs=[SMEM, VMEM], out_specs=VMEM,
+                        scratch_shapes=[REGULAR(())], interpret=params)
+
+
+# (f) Semaphores left non-zero when the kernel ends.
+
+
+def _build_dma_sem_left(params, fixed):
+  def kernel(x_hbm, o_ref, buf, sem):
+    copy = pltpu.make_async_copy(x_hbm, buf, sem)
+    copy.start()
+    if fixed:
+      copy.wait()
+    o_ref[...] = buf[...] - 1.0
+
+  return pl.pallas_call(kernel, out_shape=_sds((ROWS, LANES)),
+                        in_specs=[ANY], out_specs=VMEM,
+                        scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32),
+                                        DMA(())], interpret=params)
+
+
+def _build_regular_sem_left(params, fixed):
+  def kernel(x_ref, o_ref, sem):
+    pl.semaphore_signal(sem, 3)
+    if fixed:
+      pl.semaphore_wait(sem, 3)
+    o_ref[...] = x_ref[...] + 2.0
+
+  return pl.pallas_call(kernel, out_shape=_sds((ROWS, LANES)),
+                        in_specs=[VMEM], out_specs=VMEM,
+                        scratch_shapes=[REGULAR(())], interpret=params)
+
+
+# (g) A DMA wait whose descriptor names a different size than the started
+# copy (on the same semaphore).
+
+
+def _dma_size_builder(start_rows, wait_rows):
+  def build(params, fixed):
+    waited = start_rows if fixed else wait_rows
+
+    def kernel(x_hbm, o_ref, buf, sem):
+      buf[...] = jnp.zeros_like(buf)
+      pltpu.make_async_copy(x_hbm.at[pl.ds(0, start_rows)],
+                            buf.at[pl.ds(0, start_rows)], sem).start()
+      pltpu.make_async_copy(x_hbm.at[pl.ds(0, waited)],
+                            buf.at[pl.ds(0, waited)], sem).wait()
+      o_ref[...] = buf[...]
+
+    return pl.pallas_call(kernel, out_shape=_sds((ROWS, LANES)),
+                          in_specs=[ANY], out_specs=VMEM,
+                          scratch_shapes=[pltpu.VMEM((ROWS, LANES),
+                                                     jnp.float32), DMA(())],
+                          interpret=params)
+
+  return build
+
+
+def _ref_dma_rows(rows):
+  return lambda x: jnp.zeros_like(x).at[:rows].set(x[:rows])
+
+
+BOUNDS_OFF = dict(out_of_bounds_reads="uninitialized")
+SEMAPHORES_OFF = dict(check_semaphores=False)
+
+CASES = {
+    # (a)
+    "dynamic_load_start": Case(
+        _build_load, (_i32(9), X), (_i32(8), X), lambda s, x: x[8:16],
+        OOB + r": load of .* at index \[9, 0\]", BOUNDS_OFF),
+    "dynamic_load_negative_start": Case(
+        _build_load, (_i32(-1), X), (_i32(0), X), lambda s, x: x[0:8],
+        OOB + r": load of .* at index \[-1, 0\]", BOUNDS_OFF),
+    "dynamic_store_start": Case(
+        _build_store, (_i32(12), X[:8]), (_i32(5), X[:8]),
+        lambda s, x: jnp.zeros((ROWS, LANES)).at[5:13].set(x),
+        OOB + r": store of .* at index \[12, 0\]", BOUNDS_OFF),
+    # (b)
+    "input_block_index": Case(
+        _build_block_in, (_i32(0, 2), X), (_i32(1, 0), X),
+        lambda s, x: jnp.concatenate([x[8:], x[:8]]) + 1.0,
+        OOB + r": the index map of .* selects block \[2, 0\].*grid step 1",
+        BOUNDS_OFF),
+    "output_block_index": Case(
+        _build_block_out, (_i32(0, 2), X), (_i32(1, 0), X),
+        lambda s, x: jnp.concatenate([x[8:], x[:8]]) + 1.0,
+        OOB + r": the index map of .* selects block \[2, 0\].*grid step 1",
+        BOUNDS_OFF),
+    # (c)
+    "dma_source_slice": Case(
+        _build_dma_src, (_i32(9), X), (_i32(8), X), lambda s, x: x[8:],
+        OOB + r": DMA source of .* at index \[9, 0\]", BOUNDS_OFF),
+    "dma_destination_slice": Case(
+        _build_dma_dst, (_i32(9), X[:8]), (_i32(8), X[:8]),
+        lambda s, x: jnp.zeros((ROWS, LANES)).at[8:].set(x),
+        OOB + r": DMA destination of .* at index \[9, 0\]", BOUNDS_OFF),
+    # (e)
+    "semaphore_wait_more_than_signalled": Case(
+        _build_sem_wait, (_i32(2), X), (_i32(1), X), lambda n, x: x * 2.0,
+        SEM + r": a semaphore wait on .* waits for more than was signalled",
+        SEMAPHORES_OFF),
+    # (f)
+    "dma_semaphore_left_after_start_without_wait": Case(
+        _build_dma_sem_left, (X,), (X,), lambda x: x - 1.0,
+        SEM + r": .* is left at 8192 when the kernel ends", SEMAPHORES_OFF),
+    "regular_semaphore_signalled_never_waited": Case(
+        _build_regular_sem_left, (X,), (X,), lambda x: x + 2.0,
+        SEM + r": .* is left at 3 when the kernel ends", SEMAPHORES_OFF),
+    # (g)
+    "dma_wait_smaller_than_copy": Case(
+        _dma_size_builder(16, 8), (X,), (X,), _ref_dma_rows(16),
+        SEM + r": .* is left at 4096 when the kernel ends", SEMAPHORES_OFF),
+    "dma_wait_larger_than_copy": Case(
+        _dma_size_builder(8, 16), (X,), (X,), _ref_dma_rows(8),
+        SEM + r": a DMA wait on .* waits for more than was signalled",
+        SEMAPHORES_OFF),
+}
+
+
+def _named(*variants):
+  """named_parameters over CASES, crossed with extra named variants."""
+  if not variants:
+    return [(name, name) for name in CASES]
+  return [(f"{name}_{v}", name, v) for name in CASES for v in variants]
+
+
+class ChecksTest(chex.TestCase):
+  """Bug raises; fix passes and matches; check off runs."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_named())
+  def test_bug_raises(self, case_name):
+    case = CASES[case_name]
+    fn = self.variant(case.build(FI(), False))
+    with self.assertRaisesRegex(Exception, case.error) as cm:
+      jax.block_until_ready(fn(*case.bad_args))
+    message = str(cm.exception)
+    self.assertRegex(message, r"\(kernel '\w+', grid step \d+\)")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_named())
+  def test_fixed_kernel_matches_reference(self, case_name):
+    case = CASES[case_name]
+    fn = self.variant(case.build(FI(), True))
+    out = jax.block_until_ready(fn(*case.good_args))
+    np.testing.assert_array_equal(out, case.reference(*case.good_args))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_named("unchecked", "field_off"))
+  def test_check_off_runs(self, case_name, how):
+    case = CASES[case_name]
+    params = FI.unchecked() if how == "unchecked" else FI(**case.field_off)
+    fn = self.variant(case.build(params, False))
+    out = jax.block_until_ready(fn(*case.bad_args))
+    self.assertEqual(out.shape, case.reference(*case.good_args).shape)
+
+  def test_check_fields_off_only_their_check(self):
+    # Turning bounds checks off keeps semaphore checks, and vice versa.
+    case = CASES["semaphore_wait_more_than_signalled"]
+    with self.assertRaisesRegex(Exception, case.error):
+      jax.block_until_ready(case.build(FI(**BOUNDS_OFF), False)(
+          *case.bad_args))
+    case = CASES["dynamic_load_start"]
+    with self.assertRaisesRegex(Exception, case.error):
+      jax.block_until_ready(case.build(FI(**SEMAPHORES_OFF), False)(
+          *case.bad_args))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("past_end", 9), ("far_past_end", 100),
+                                  ("negative", -3))
+  def test_unchecked_out_of_bounds_start_is_clamped(self, start):
+    # Documented: with checks off an out-of-range dynamic start is clamped,
+    # as lax.dynamic_slice does (negative starts wrap first) and as JAX's own
+    # interpret=True mode does.
+    fn = self.variant(_build_load(FI.unchecked(), False))
+    expected = _build_load(True, False)(_i32(start), X)
+    np.testing.assert_array_equal(fn(_i32(start), X), expected)
+    np.testing.assert_array_equal(
+        expected, jax.lax.dynamic_slice(X, (jnp.int32(start), 0), (8, LANES)))
+
+  def test_message_names_operand_kernel_and_step(self):
+    with self.assertRaises(Exception) as cm:
+      jax.block_until_ready(_build_load(FI(), False)(_i32(9), X))
+    message = str(cm.exception)
+    self.assertIn("fast_interpret: out of bounds: load of", message)
+    self.assertIn("(kernel '_load_kernel', grid step 0)", message)
+    self.assertIn("shape (16, 128)", message)
+
+  def test_semaphore_error_is_kernel_check_error_in_callback(self):
+    # The host callback raises KernelCheckError; JAX wraps it, keeping text.
+    with self.assertRaises(Exception) as cm:
+      jax.block_until_ready(_build_sem_wait(FI(), False)(_i32(5), X))
+    self.assertIn("KernelCheckError", str(cm.exception))
+    self.assertIn("count would be -4", str(cm.exception))
+
+
+# ---------------------------------------------------------------------------
+# (d) Static out-of-bounds indices are found while tracing.
+
+
+def _static_int_load_kernel(x_ref, o_ref):
+  o_ref[...] = jnp.broadcast_to(x_ref[ROWS, :], o_ref.shape)
+
+
+def _static_int_store_kernel(x_ref, o_ref):
+  o_ref[...] = x_ref[...]
+  o_ref[ROWS + 3, :] = x_ref[0, :]
+
+
+def _static_strided_load_kernel(x_ref, o_ref):
+  o_ref[...] = x_ref[pl.ds(0, 8, stride=3), :]
+
+
+def _static_fixed_kernel(x_ref, o_ref):
+  o_ref[...] = jnp.broadcast_to(x_ref[ROWS - 1, :], o_ref.shape)
+
+
+STATIC_CASES = (
+    ("int_index_load", _static_int_load_kernel, (8, LANES)),
+    ("int_index_store", _static_int_store_kernel, (ROWS, LANES)),
+    ("strided_slice_load", _static_strided_load_kernel, (8, LANES)),
+)
+
+
+def _static_call(kernel, out_shape, params):
+  return pl.pallas_call(kernel, out_shape=_sds(out_shape), in_specs=[VMEM],
+                        out_specs=VMEM, interpret=params)
+
+
+class StaticIndexTest(chex.TestCase):
+
+  # BUG: views._index_read/swap compute the static slice (lax.slice) before
+  # checks.record_bounds sees the static bounds report, so a static
+  # out-of-bounds index raises a bare TypeError from lax.slice ("slice
+  # limit_indices must be less than or equal to operand shape") instead of
+  # fast_interpret.KernelCheckError ("fast_interpret: out of bounds: ...
+  # found while tracing").
+  @unittest.expectedFailure
+  def test_static_int_index_raises_kernel_check_error_while_tracing(self):
+    fn = jax.jit(_static_call(_static_int_load_kernel, (8, LANES), FI()))
+    with self.assertRaisesRegex(fast_interpret.KernelCheckError,
+                                OOB + r".*found while tracing"):
+      fn.lower(X)  # Tracing and lowering only: nothing runs.
+
+  # BUG: same as above, for every static out-of-bounds index kind.
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*STATIC_CASES)
+  @unittest.expectedFailure
+  def test_static_out_of_bounds_raises_kernel_check_error(self, kernel,
+                                                          out_shape):
+    fn = self.variant(_static_call(kernel, out_shape, FI()))
+    with self.assertRaisesRegex(fast_interpret.KernelCheckError, OOB):
+      fn(X)
+
+  # BUG: with checks off, a static out-of-bounds index raises the same bare
+  # TypeError from lax.slice, while a dynamic one is clamped (documented);
+  # expected: it runs (clamped, or filled with the uninitialised value).
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*STATIC_CASES)
+  @unittest.expectedFailure
+  def test_static_out_of_bounds_unchecked_runs(self, kernel, out_shape):
+    fn = self.variant(_static_call(kernel, out_shape, FI.unchecked()))
+    jax.block_until_ready(fn(X))
+
+  def test_static_slice_out_of_bounds_is_caught_by_jax(self):
+    # pl.ds with a static start is checked by JAX itself when indexing.
+    def kernel(x_ref, o_ref):
+      o_ref[...] = x_ref[pl.ds(12, 8), :]
+
+    with self.assertRaisesRegex(ValueError, "Out of bound slice"):
+      _static_call(kernel, (8, LANES), FI())(X)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_static_in_bounds_index_matches_reference(self):
+    fn = self.variant(_static_call(_static_fixed_kernel, (8, LANES), FI()))
+    np.testing.assert_array_equal(
+        fn(X), jnp.broadcast_to(X[ROWS - 1], (8, LANES)))
+
+
+# ---------------------------------------------------------------------------
+# (h) Uninitialised memory.
+
+
+def _write_second_block_only(o_ref):
+  @pl.when(pl.program_id(0) == 1)
+  def _():
+    o_ref[...] = jnp.ones_like(o_ref)
+
+
+class UninitializedMemoryTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("float32_nan", jnp.float32, "nan", np.nan),
+      ("float32_zero", jnp.float32, "zero", 0.0),
+      ("bfloat16_nan", jnp.bfloat16, "nan", np.nan),
+      ("int32_nan", jnp.int32, "nan", np.iinfo(np.int32).max),
+      ("int32_zero", jnp.int32, "zero", 0),
+      ("int8_nan", jnp.int8, "nan", np.iinfo(np.int8).max),
+  )
+  def test_output_block_never_written(self, dtype, fill, expected):
+    # Block 0 is never written (the kernel writes only at step 1, and block
+    # 0's VMEM buffer is fresh at step 0).
+    fn = self.variant(pl.pallas_call(
+        _write_second_block_only, out_shape=_sds((ROWS, LANES), dtype),
+        grid=(2,), out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
+        interpret=FI(uninitialized_memory=fill)))
+    out = np.asarray(jnp.asarray(fn()).astype(
+        jnp.float32 if dtype == jnp.bfloat16 else dtype))
+    np.testing.assert_array_equal(out[:8], np.full((8, LANES), expected))
+    np.testing.assert_array_equal(out[8:], np.ones((8, LANES)))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("nan", "nan"), ("zero", "zero"))
+  def test_scratch_read_before_write(self, fill):
+    def kernel(o_ref, scratch):
+      scratch[0:4, :] = jnp.full((4, LANES), 7.0)
+      o_ref[...] = scratch[...]
+
+    fn = self.variant(pl.pallas_call(
+        kernel, out_shape=_sds((8, LANES)), out_specs=VMEM,
+        scratch_shapes=[pltpu.VMEM((8, LANES), jnp.float32)],
+        interpret=FI(uninitialized_memory=fill)))
+    out = np.asarray(fn())
+    np.testing.assert_array_equal(out[:4], 7.0)
+    np.testing.assert_array_equal(out[4:], np.nan if fill == "nan" else 0.0)
+
+  def test_invalid_fill_raises(self):
+    with self.assertRaises(ValueError):
+      FI(uninitialized_memory="garbage")
+
+
+# ---------------------------------------------------------------------------
+# (i) No global state after errors, (j) the first error wins.
+
+
+def _two_errors_kernel(a_ref, b_ref, x_ref, o_ref, scratch):
+  # The load site comes first in the kernel but fails later (step 2); the
+  # store fails first (step 1).
+  g = pl.program_id(0)
+  v = x_ref[pl.ds(a_ref[g], 8), :]
+  scratch[pl.ds(b_ref[g], 8), :] = v
+  o_ref[...] = v
+
+
+def _build_two_errors(params):
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(3,),
+      in_specs=[pl.BlockSpec((ROWS, LANES), lambda g, a, b: (0, 0))],
+      out_specs=pl.BlockSpec((8, LANES), lambda g, a, b: (g, 0)),
+      scratch_shapes=[pltpu.VMEM((ROWS, LANES), jnp.float32)])
+  return pl.pallas_call(_two_errors_kernel, out_shape=_sds((24, LANES)),
+                        grid_spec=grid_spec, interpret=params)
+
+
+class ErrorReportingTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_no_state_left_after_error(self):
+    load = self.variant(_build_load(FI(), False))
+    with self.assertRaisesRegex(Exception, OOB):
+      jax.block_until_ready(load(_i32(9), X))
+    # The same (possibly cached) program, good arguments.
+    np.testing.assert_array_equal(load(_i32(3), X), X[3:11])
+    # It fails again when asked to (the error word starts clean each call).
+    with self.assertRaisesRegex(Exception, r"index \[10, 0\]"):
+      jax.block_until_ready(load(_i32(10), X))
+    # Another kernel, and a semaphore error followed by a good run.
+    sem = self.variant(_build_sem_wait(FI(), False))
+    with self.assertRaisesRegex(Exception, SEM):
+      jax.block_until_ready(sem(_i32(2), X))
+    np.testing.assert_array_equal(sem(_i32(1), X), X * 2.0)
+    np.testing.assert_array_equal(load(_i32(0), X), X[0:8])
+
+  def test_no_state_left_across_fresh_kernels(self):
+    with self.assertRaisesRegex(Exception, OOB):
+      jax.block_until_ready(_build_dma_src(FI(), False)(_i32(9), X))
+    out = _build_regular_sem_left(FI(), True)(X)
+    np.testing.assert_array_equal(out, X + 2.0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_earliest_grid_step_wins(self):
+    fn = self.variant(_build_two_errors(FI()))
+    with self.assertRaises(Exception) as cm:
+      jax.block_until_ready(fn(_i32(0, 0, 20), _i32(0, 20, 0), X))
+    message = str(cm.exception)
+    self.assertRegex(message, OOB + r": store of .* at index \[20, 0\]")
+    self.assertIn("grid step 1)", message)
+    self.assertNotIn("grid step 2)", message)
+    self.assertNotIn("load of", message)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_same_step_first_site_wins(self):
+    fn = self.variant(_build_two_errors(FI()))
+    with self.assertRaises(Exception) as cm:
+      jax.block_until_ready(fn(_i32(0, 30, 0), _i32(0, 20, 0), X))
+    message = str(cm.exception)
+    self.assertRegex(message, OOB + r": load of .* at index \[30, 0\]")
+    self.assertIn("grid step 1)", message)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_two_errors_kernel_fixed(self):
+    fn = self.variant(_build_two_errors(FI()))
+    out = fn(_i32(0, 4, 8), _i32(8, 0, 2), X)
+    np.testing.assert_array_equal(
+        out, jnp.concatenate([X[0:8], X[4:12], X[8:16]]))
+
+
+# ---------------------------------------------------------------------------
+# The lowered program: a host callback only when checks are on.
+
+
+class LoweredProgramTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("checked", FI, True),
+      ("unchecked", FI.unchecked, False),
+      ("unchecked_by_fields", lambda: FI(
+          out_of_bounds_reads="uninitialized", check_semaphores=False,
+          **({"check_output_revisits": False}
+             if "check_output_revisits" in FI.__dataclass_fields__ else {})),
+       False),
+  )
+  def test_callback_only_with_checks(self, make_params, expect_callback):
+    # Params are built here, not at import, so setUpModule's clean slate holds.
+    text = jax.jit(_build_load(make_params(), False)).lower(
+        _i32(0), X).as_text()
+    self.assertEqual("callback" in text, expect_callback)
+
+  def test_semaphore_checks_alone_emit_callback(self):
+    params = FI.unchecked(check_semaphores=True)
+    text = jax.jit(_build_sem_wait(params, False)).lower(_i32(1), X).as_text()
+    self.assertIn("callback", text)
+
+  def test_unchecked_semaphore_kernel_has_no_callback(self):
+    text = jax.jit(_build_sem_wait(FI.unchecked(), False)).lower(
+        _i32(1), X).as_text()
+    self.assertNotIn("callback", text)
+
+
+if __name__ == "__main__":
+  absltest.main()
