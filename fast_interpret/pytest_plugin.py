@@ -22,13 +22,29 @@ from fast_interpret import flags
 from fast_interpret import modes
 
 
+def pytest_load_initial_conftests(early_config, parser, args):
+  """Turns a bare ``--fast-interpret`` into ``--fast-interpret=checked``.
+
+  With an optional argument argparse would take the next word (a test path)
+  as the level, so the level is required and the bare form rewritten here,
+  before pytest parses the command line.
+  """
+  del early_config, parser
+  for i, arg in enumerate(args):
+    if arg == "--fast-interpret":
+      args[i] = "--fast-interpret=checked"
+
+
 def pytest_addoption(parser):
   group = parser.getgroup("fast_interpret")
+  # nargs="?" without choices, so that pytest's early parse of the raw
+  # command line accepts the bare form; the hook above rewrites it and
+  # pytest_configure checks the level.
   group.addoption(
       "--fast-interpret", action="store", nargs="?", const="checked",
-      default=None, choices=list(flags.LEVELS), metavar="LEVEL",
+      default=None, metavar="LEVEL",
       help="run every Pallas kernel under fast interpret at LEVEL "
-      "(fast, checked (default) or tpu)")
+      "(fast, checked or tpu); a bare --fast-interpret means checked")
 
 
 def _level(config) -> str | None:
@@ -38,6 +54,10 @@ def _level(config) -> str | None:
 
 def pytest_configure(config):
   level = _level(config)
+  if level is not None and level not in flags.LEVELS:
+    raise ValueError(
+        f"fast_interpret: --fast-interpret must be one of {flags.LEVELS}, "
+        f"got {level!r}.")
   if level is not None:
     modes.set_fast_interpret_mode(modes.params_for_level(level))
 

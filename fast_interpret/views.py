@@ -93,15 +93,39 @@ def _bounds(shape, indexer, report) -> None:
   report.append((bad, starts, tuple(shape)))
 
 
+def _strided_read(x: Array, indexer) -> Array | None:
+  """Slices, strided slices and scalars, one dimension at a time, clamped."""
+  if not all(isinstance(i, _jax.Slice) or getattr(i, "shape", ()) == ()
+             for i in indexer.indices):
+    return None
+  for dim in reversed(range(x.ndim)):
+    idx = indexer.indices[dim]
+    if not isinstance(idx, _jax.Slice):
+      x = lax.dynamic_index_in_dim(x, jnp.asarray(idx, jnp.int32), dim,
+                                   keepdims=False)
+    elif idx.stride == 1:
+      x = lax.dynamic_slice_in_dim(x, jnp.asarray(idx.start, jnp.int32),
+                                   idx.size, dim)
+    else:
+      rows = idx.start + idx.stride * jnp.arange(idx.size, dtype=jnp.int32)
+      x = jnp.take(x, jnp.clip(rows, 0, x.shape[dim] - 1), axis=dim)
+  return x
+
+
 def _index_read(x: Array, indexer, report=None) -> Array:
   indexer = _normalized(indexer, x.shape)
   _bounds(x.shape, indexer, report)
   window = _as_window(indexer)
   if window is None:
-    return _jax.index_array(x, indexer)
+    y = _strided_read(x, indexer)
+    return _jax.index_array(x, indexer) if y is None else y
   starts, sizes, squeeze = window
   static = [_static_int(s) for s in starts]
-  if all(s is not None for s in static):
+  in_bounds = all(s is not None and 0 <= s and s + n <= d
+                  for s, n, d in zip(static, sizes, x.shape, strict=True))
+  # A static window out of bounds has been reported; like a dynamic one, it
+  # is clamped (dynamic_slice) rather than failing inside lax.slice.
+  if in_bounds:
     if tuple(sizes) == x.shape and not any(static):
       y = x
     else:

@@ -445,35 +445,27 @@ def _static_call(kernel, out_shape, params):
 
 class StaticIndexTest(chex.TestCase):
 
-  # BUG: views._index_read/swap compute the static slice (lax.slice) before
-  # checks.record_bounds sees the static bounds report, so a static
-  # out-of-bounds index raises a bare TypeError from lax.slice ("slice
-  # limit_indices must be less than or equal to operand shape") instead of
-  # fast_interpret.KernelCheckError ("fast_interpret: out of bounds: ...
-  # found while tracing").
-  @unittest.expectedFailure
+  # A static out-of-bounds index raises KernelCheckError ("fast_interpret:
+  # out of bounds: ... found while tracing") at trace time.
   def test_static_int_index_raises_kernel_check_error_while_tracing(self):
     fn = jax.jit(_static_call(_static_int_load_kernel, (8, LANES), FI()))
     with self.assertRaisesRegex(fast_interpret.KernelCheckError,
                                 OOB + r".*found while tracing"):
       fn.lower(X)  # Tracing and lowering only: nothing runs.
 
-  # BUG: same as above, for every static out-of-bounds index kind.
+  # The same for every static out-of-bounds index kind.
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*STATIC_CASES)
-  @unittest.expectedFailure
   def test_static_out_of_bounds_raises_kernel_check_error(self, kernel,
                                                           out_shape):
     fn = self.variant(_static_call(kernel, out_shape, FI()))
     with self.assertRaisesRegex(fast_interpret.KernelCheckError, OOB):
       fn(X)
 
-  # BUG: with checks off, a static out-of-bounds index raises the same bare
-  # TypeError from lax.slice, while a dynamic one is clamped (documented);
-  # expected: it runs (clamped, or filled with the uninitialised value).
+  # With checks off, a static out-of-bounds index is clamped like a dynamic
+  # one (documented), so the kernel runs.
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*STATIC_CASES)
-  @unittest.expectedFailure
   def test_static_out_of_bounds_unchecked_runs(self, kernel, out_shape):
     fn = self.variant(_static_call(kernel, out_shape, FI.unchecked()))
     jax.block_until_ready(fn(X))

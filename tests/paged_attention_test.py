@@ -132,7 +132,8 @@ _PAGED_SLOW_CASES = [
 ]
 
 
-# JAX's TPU interpret mode runs a pallas_call's grid on one simulated core,
+# JAX's TPU interpret mode (with its default num_cores_or_threads=1) runs a
+# pallas_call's grid on one simulated core,
 # sharing SMEM across the "cores" of the leading megacore axis. The kernel
 # keeps `init_flag` in SMEM and prefetches a core's first block only while it
 # is set, so the second core's first DMA wait is never satisfied: the call
@@ -176,10 +177,14 @@ class PagedAttentionTest(test_util.KernelTestCase):
       k_ref, v_ref = (test_util.round_to(test_util.to_f64(t), jnp.bfloat16)
                       for t in (k_pages, v_pages))
 
+    # A megacore kernel runs on two TensorCores with their own SMEM; on one
+    # core it would hang (fast interpret reports the DMA wait that never
+    # returns), so simulate the chip it is written for.
     out = self.run_kernel(lambda: paged_lib.paged_attention(
         q, k_arg, v_arg, lengths, page_indices,
         pages_per_compute_block=pages_per_block, megacore_mode=megacore,
-        inline_seq_dim=inline, attn_logits_soft_cap=soft_cap))
+        inline_seq_dim=inline, attn_logits_soft_cap=soft_cap),
+        num_cores=1 if megacore is None else 2)
     self.assertEqual(out.shape, q.shape)
     self.assertEqual(out.dtype, q.dtype)
     expected = paged_attention_reference(

@@ -174,13 +174,8 @@ class PytestPluginTest(parameterized.TestCase):
     self.assertNotIn(OUR_OOB, run.output)
     self.assertIn("runs at fidelity 'tpu'", run.output)
 
-  # BUG: --fast-interpret is declared with nargs="?", so argparse takes the
-  # next command-line word as its LEVEL: `pytest -p fast_interpret.pytest_plugin
-  # --fast-interpret tests/x_test.py` fails with "argument --fast-interpret:
-  # invalid choice: 'tests/x_test.py'" (exit code 4) instead of running the
-  # file at level checked. Works only when the option comes last or as
-  # --fast-interpret=LEVEL.
-  @unittest.expectedFailure
+  # A bare --fast-interpret followed by a test path runs that path at level
+  # checked (the path is not taken as the LEVEL).
   def test_bare_option_before_file(self):
     run = self._run("bare_option_before_file")
     self.assertNotIn("invalid choice", run.output)

@@ -76,14 +76,19 @@ def slow(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def interpret_mode(mode: str | None = None):
-  """Forces every pallas_call traced inside to run under `mode`."""
+def interpret_mode(mode: str | None = None, num_cores: int = 1):
+  """Forces every pallas_call traced inside to run under `mode`.
+
+  `num_cores` is the number of simulated TensorCores for the fast mode
+  (megacore kernels need 2, as on a megacore chip).
+  """
   mode = selected_mode() if mode is None else mode
   if mode == "fast":
     # Lazy on purpose: hlo/tpu modes must work even if the package is broken.
     import fast_interpret  # pylint: disable=g-import-not-at-top
 
-    ctx = fast_interpret.force_fast_interpret_mode()
+    ctx = fast_interpret.force_fast_interpret_mode(
+        fast_interpret.FastInterpretParams(num_cores_or_threads=num_cores))
   elif mode == "hlo":
     # `interpret=True` is JAX's HLO interpreter; the TPU context manager just
     # stores the value and pallas_call uses `value or interpret`.
@@ -96,13 +101,14 @@ def interpret_mode(mode: str | None = None):
     yield
 
 
-def run_in_mode(fn: Callable[[], Any], mode: str | None = None) -> Any:
+def run_in_mode(fn: Callable[[], Any], mode: str | None = None,
+                num_cores: int = 1) -> Any:
   """Traces and runs `fn()` with all its pallas_calls forced into `mode`.
 
   `fn` takes no arguments (close over the inputs). The result is blocked on
   inside the context, so runtime errors surface here.
   """
-  with interpret_mode(mode):
+  with interpret_mode(mode, num_cores):
     out = fn()
     out = jax.block_until_ready(out)
   return out
@@ -174,7 +180,8 @@ class KernelTestCase(chex.TestCase, parameterized.TestCase):
     super().tearDown()
 
   def run_kernel(self, fn: Callable[[], Any],
-                 known_failures: dict[str, str] | None = None) -> Any:
+                 known_failures: dict[str, str] | None = None,
+                 num_cores: int = 1) -> Any:
     """run_in_mode(fn, self.mode).
 
     known_failures maps a mode to a substring of "ExceptionType: message" of a
@@ -184,7 +191,7 @@ class KernelTestCase(chex.TestCase, parameterized.TestCase):
     """
     assert not known_failures or "fast" not in known_failures
     try:
-      return run_in_mode(fn, self.mode)
+      return run_in_mode(fn, self.mode, num_cores)
     except Exception as e:  # pylint: disable=broad-except
       known = (known_failures or {}).get(self.mode)
       if known is not None and known in f"{type(e).__name__}: {e}":
