@@ -17,7 +17,7 @@ from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
 from fast_interpret.interpreter import RuleContext, register_rule
-from fast_interpret.state import (KernelState, RefHandle, memory_space_of,
+from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
                                   storage_dtype, uninitialized)
 
 
@@ -128,7 +128,7 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   for k, var in enumerate(jaxpr.invars):
     aval = var.aval
     inner = getattr(aval, "inner_aval", aval)
-    space = memory_space_of(inner) or getattr(aval, "memory_space", None)
+    space = scoped_memory_space(aval)
     _check_scoped_space(ctx, space)
     bid = ctx.fresh_buffer_id()
     fresh.append(bid)

@@ -36,7 +36,7 @@ from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import interpreter
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
-                                  memory_space_of, storage_dtype,
+                                  scoped_memory_space, storage_dtype,
                                   uninitialized)
 
 # Register every rule module.
@@ -280,7 +280,7 @@ def interpret_pallas_call(
   for k, aval in enumerate(gm.scratch_avals):
     bid = ids.fresh()
     inner = getattr(aval, "inner_aval", aval)
-    space = memory_space_of(inner) or getattr(aval, "memory_space", None)
+    space = scoped_memory_space(aval)
     if space == "semaphore":
       buffers[bid] = jnp.zeros(inner.shape, jnp.int32)
     else:

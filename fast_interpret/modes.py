@@ -17,8 +17,9 @@ def force_fast_interpret_mode(
 
   This is ``pltpu.force_tpu_interpret_mode`` with a ``FastInterpretParams``:
   calls that pass their own ``interpret=`` value are overridden too, as with
-  JAX's context manager. Only calls *traced* inside the context are affected:
-  a function jitted and cached before entering keeps its compiled form.
+  JAX's context manager. The mode is read when a call is traced; it is part of
+  jit's cache key, so a function jitted before entering is traced again
+  inside.
 
   Args:
     params: the parameters to use; by default those of the fidelity level in
@@ -62,7 +63,10 @@ def params_for_level(level: str | None = None):
   ``fast`` and ``checked`` give ``FastInterpretParams``; ``tpu`` gives
   ``pltpu.InterpretParams()`` (full simulation, race detection included).
   """
-  level = flags.fidelity_level() if level is None else level
+  if level is None:
+    if flags.fidelity_level() == "tpu":
+      return _jax.InterpretParams(detect_races=True)
+    return FastInterpretParams()  # Field flags and variables apply.
   if level == "tpu":
     return _jax.InterpretParams(detect_races=True)
   return FastInterpretParams(**flags.preset_fields(level))

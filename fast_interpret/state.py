@@ -107,6 +107,18 @@ def memory_space_of(aval) -> Any:
   return getattr(aval, "memory_space", None)
 
 
+def scoped_memory_space(ref_aval) -> Any:
+  """The memory space of an allocated ref (scratch or run_scoped).
+
+  The ref's own memory space wins; the inner array's (a device default) is
+  only a fallback.
+  """
+  inner = getattr(ref_aval, "inner_aval", ref_aval)
+  if is_semaphore_aval(inner):
+    return "semaphore"
+  return getattr(ref_aval, "memory_space", None) or memory_space_of(inner)
+
+
 def storage_dtype(aval) -> np.dtype:
   """The dtype of the array that simulates a buffer of ``aval``."""
   if is_semaphore_aval(aval):

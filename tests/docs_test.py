@@ -39,11 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
 
 # (page relative to the repository, a line of the block) -> why it cannot run.
-KNOWN_BROKEN = {
-    ("README.md", "out = pl.pallas_call(kernel, out_shape=..., grid=...,"):
-        "a sketch: `kernel`, `x`, `flash_attention`, `q`, `k`, `v` are not "
-        "defined and `out_shape=...` is a placeholder",
-}
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
