@@ -15,6 +15,7 @@ from jax._src import config
 from jax._src import core
 from jax._src import effects
 from jax._src import pjit
+from jax._src.random import prng
 from jax._src import source_info_util
 from jax._src import tree_util
 from jax._src.interpreters import mlir
@@ -82,6 +83,18 @@ dma_wait_p = tpu_primitives.dma_wait_p
 tpu_bitcast_p = tpu_primitives.bitcast_p
 roll_p = tpu_primitives.roll_p
 get_barrier_semaphore_p = tpu_primitives.get_barrier_semaphore_p
+prng_seed_p = tpu_primitives.prng_seed_p
+prng_random_bits_p = tpu_primitives.prng_random_bits_p
+trace_value_p = tpu_primitives.trace_value_p
+touch_p = tpu_primitives.touch_p
+random_bits_p = prng.random_bits_p
+random_unwrap = prng.random_unwrap
+
+
+def pallas_prng_impls():
+  """(seeded key impl, stateful placeholder impl) of Pallas TPU's PRNG."""
+  from jax._src.pallas.mosaic import random as tpu_random  # pylint: disable=g-import-not-at-top
+  return tpu_random.tpu_key_impl, tpu_random.tpu_internal_stateful_impl
 cond_p = lax_conditionals.cond_p
 while_p = lax_loops.while_p
 scan_p = lax_loops.scan_p
@@ -118,6 +131,17 @@ def pallas_primitive_set() -> frozenset[Primitive]:
       if isinstance(value, core.Primitive):
         prims.add(value)
   return frozenset(prims)
+
+
+def uses_primitives(jaxpr: Jaxpr, prims) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in it binds one of ``prims``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive in prims:
+      return True
+    for sub in core.jaxprs_in_params(eqn.params):
+      if uses_primitives(sub, prims):
+        return True
+  return False
 
 
 def has_generic_lowering(prim: Primitive) -> bool:

@@ -13,7 +13,6 @@ from jax import lax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
-from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
 from fast_interpret.interpreter import RuleContext, register_rule
@@ -23,11 +22,13 @@ from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
 
 def _written(state: KernelState, closed: _jax.ClosedJaxpr, invals
              ) -> set[int]:
-  """Buffers a body may write: its written refs, and the error word."""
+  """Buffers a body may write: its written refs, and the special buffers.
+
+  Special buffers (negative ids: the error word, the PRNG state) are always
+  carried; they are a few words each.
+  """
   ids = interpreter.written_buffer_ids(closed.jaxpr, [*closed.consts, *invals])
-  if checks.ERROR_ID in state.buffers:
-    ids.add(checks.ERROR_ID)
-  return ids
+  return ids | {k for k in state.buffers if k < 0}
 
 
 def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):

@@ -44,6 +44,7 @@ from fast_interpret import control_rules  # pylint: disable=unused-import
 from fast_interpret import dma_rules  # pylint: disable=unused-import
 from fast_interpret import memory_rules  # pylint: disable=unused-import
 from fast_interpret import program_rules  # pylint: disable=unused-import
+from fast_interpret import tpu_rules
 
 _HBM_SPACES = ("any", "hbm")
 
@@ -318,6 +319,9 @@ def interpret_pallas_call(
   sites = checks.Sites(kernel_name)
   if interpret_params.checks_enabled:
     buffers[checks.ERROR_ID] = checks.initial_word()
+  if _jax.uses_primitives(jaxpr, {_jax.prng_seed_p, _jax.prng_random_bits_p,
+                                  _jax.random_bits_p}):
+    buffers[tpu_rules.PRNG_ID] = tpu_rules.initial_prng_state()
   visited_ids = {}
   if interpret_params.check_output_revisits:
     for op in out_ops:
@@ -330,7 +334,7 @@ def interpret_pallas_call(
              | {h.buffer_id for h in scratch_handles}
              | (written - input_block_ids)
              | set(visited_ids.values())
-             | ({checks.ERROR_ID} & buffers.keys()))
+             | {k for k in buffers if k < 0})
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
   visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
