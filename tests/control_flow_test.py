@@ -10,7 +10,6 @@ from JAX's ``interpret=True`` mode.
 Run:  python -m pytest tests/control_flow_test.py -q
 """
 
-import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -24,36 +23,20 @@ import numpy as np
 
 import fast_interpret
 
+try:
+  from tests.feature_util import setUpModule, sds as _sds, call as _call  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  from feature_util import setUpModule, sds as _sds, call as _call  # pylint: disable=g-import-not-at-top,unused-import
+
 FI = fast_interpret.FastInterpretParams
 VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
 SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 ANY = pl.BlockSpec(memory_space=pl.ANY)
 
 
-def setUpModule():
-  # These tests choose the interpret mode of every call themselves and use
-  # JAX's own modes as references; a session-wide override (e.g. pytest
-  # --fast-interpret) would route the references through fast interpret too.
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src import config as jax_config
-  mode = jax_config.pallas_tpu_interpret_mode_context_manager
-  if mode.get_global() is not None:
-    raise unittest.SkipTest("a global Pallas interpret mode is set")
-
-
-def _sds(shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _data(shape, seed=0):
   return jnp.asarray(
       np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
-
-
-def _call(kernel, out_shape, *args, interpret=None, **kw):
-  return pl.pallas_call(kernel, out_shape=out_shape,
-                        interpret=FI() if interpret is None else interpret,
-                        **kw)(*args)
 
 
 X = _data((8, 128))

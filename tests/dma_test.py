@@ -13,18 +13,21 @@ Expected values come from plain NumPy or from JAX's ``interpret=True`` mode.
 Run:  python -m pytest tests/dma_test.py -q
 """
 
-import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
-import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+
+try:
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
 
 FI = fast_interpret.FastInterpretParams
 VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
@@ -33,34 +36,6 @@ ANY = pl.BlockSpec(memory_space=pl.ANY)
 HBM = pl.BlockSpec(memory_space=pltpu.HBM)
 DMA = pltpu.SemaphoreType.DMA
 REGULAR = pltpu.SemaphoreType.REGULAR
-
-
-def setUpModule():
-  # These tests choose the interpret mode of every call themselves and use
-  # JAX's own modes as references; a session-wide override (e.g. pytest
-  # --fast-interpret) would route the references through fast interpret too.
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src import config as jax_config
-  mode = jax_config.pallas_tpu_interpret_mode_context_manager
-  if mode.get_global() is not None:
-    raise unittest.SkipTest("a global Pallas interpret mode is set")
-
-
-def _sds(shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _data(shape, dtype=jnp.float32, seed=0):
-  r = np.random.RandomState(seed)
-  if jnp.issubdtype(dtype, jnp.integer):
-    return jnp.asarray(r.randint(-100, 100, size=shape), dtype)
-  return jnp.asarray(r.standard_normal(shape).astype(np.float32), dtype)
-
-
-def _call(kernel, out_shape, *args, interpret=None, **kw):
-  return pl.pallas_call(kernel, out_shape=out_shape,
-                        interpret=FI() if interpret is None else interpret,
-                        **kw)(*args)
 
 
 X = _data((16, 128))

@@ -15,7 +15,6 @@ Run:  python -m pytest tests/lowering_test.py -q
 import dataclasses
 import re
 
-import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -28,6 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+
+try:
+  from tests.feature_util import setUpModule, sds as _sds  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  from feature_util import setUpModule, sds as _sds  # pylint: disable=g-import-not-at-top,unused-import
 
 FI = fast_interpret.FastInterpretParams
 
@@ -52,21 +56,6 @@ ANY = pl.BlockSpec(memory_space=pl.ANY)
 VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
 
 _CALLBACK_MARKERS = ("callback", "xla_python", "host_callback")
-
-
-def setUpModule():
-  # These tests choose the interpret mode of every call themselves and use
-  # JAX's own modes as references; a session-wide override (e.g. pytest
-  # --fast-interpret) would route the references through fast interpret too.
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src import config as jax_config
-  mode = jax_config.pallas_tpu_interpret_mode_context_manager
-  if mode.get_global() is not None:
-    raise unittest.SkipTest("a global Pallas interpret mode is set")
-
-
-def _sds(shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 X = jnp.asarray(np.random.RandomState(0).standard_normal((32, 128)).astype(
@@ -327,9 +316,12 @@ def _no_rule_kernel(x_ref, o_ref):
   o_ref[...] = _no_rule_p.bind(x_ref)
 
 
-def _prng_kernel(o_ref):
-  pltpu.prng_seed(0)
-  o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+def _stochastic_round_kernel(o_ref):
+  # pltpu.stochastic_round has no rule yet.
+  bits = jnp.zeros(o_ref.shape, jnp.uint32)
+  o_ref[...] = pltpu.stochastic_round(
+      jnp.ones(o_ref.shape, jnp.float32), bits,
+      target_dtype=jnp.bfloat16).astype(o_ref.dtype)
 
 
 class UnsupportedPrimitiveTest(chex.TestCase):
@@ -338,9 +330,9 @@ class UnsupportedPrimitiveTest(chex.TestCase):
       ("custom_ref_primitive", "fast_interpret_test_no_rule",
        lambda x: pl.pallas_call(_no_rule_kernel, out_shape=_sds((32, 128)),
                                 interpret=FI())(x)),
-      ("pltpu_prng_seed", "prng_seed",
-       lambda x: pl.pallas_call(_prng_kernel, out_shape=_sds((8, 128)),
-                                interpret=FI())()),
+      ("pltpu_stochastic_round", "stochastic_round",
+       lambda x: pl.pallas_call(_stochastic_round_kernel,
+                                out_shape=_sds((8, 128)), interpret=FI())()),
   )
   def test_raises_at_trace_time_with_name(self, name, fn):
     with self.assertRaises(fast_interpret.UnsupportedPrimitiveError) as cm:

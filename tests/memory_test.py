@@ -13,7 +13,6 @@ Every expected value comes from plain NumPy/jnp or from JAX's own
 Run:  python -m pytest tests/memory_test.py -q
 """
 
-import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -26,6 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+
+try:
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
 
 # `pl.load` / `pl.store` (the masked_load / masked_swap primitives with
 # `other`) are not re-exported by jax 0.10.2's public `pallas` module.
@@ -42,36 +46,6 @@ ZERO = FI(uninitialized_memory="zero")
 VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
 SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 ANY = pl.BlockSpec(memory_space=pl.ANY)
-
-
-def setUpModule():
-  # These tests choose the interpret mode of every call themselves and use
-  # JAX's own modes as references; a session-wide override (e.g. pytest
-  # --fast-interpret) would route the references through fast interpret too.
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src import config as jax_config
-  mode = jax_config.pallas_tpu_interpret_mode_context_manager
-  if mode.get_global() is not None:
-    raise unittest.SkipTest("a global Pallas interpret mode is set")
-
-
-def _sds(shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _data(shape, dtype=jnp.float32, seed=0):
-  r = np.random.RandomState(seed)
-  if jnp.issubdtype(dtype, jnp.integer):
-    info = jnp.iinfo(dtype)
-    lo, hi = max(info.min, -100), min(info.max, 100)
-    return jnp.asarray(r.randint(lo, hi + 1, size=shape), dtype)
-  return jnp.asarray(r.standard_normal(shape).astype(np.float32), dtype)
-
-
-def _call(kernel, out_shape, *args, interpret=None, **kw):
-  return pl.pallas_call(kernel, out_shape=out_shape,
-                        interpret=FI() if interpret is None else interpret,
-                        **kw)(*args)
 
 
 def _np(x):

@@ -26,7 +26,6 @@ import os
 import re
 import subprocess
 import sys
-import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized
