@@ -21,6 +21,8 @@ Modules:
   flags          absl flags / environment variables: the fidelity dial.
   fences         fusion fences against XLA:CPU recomputation.
   pytest_plugin  --fast-interpret for whole test sessions.
+  tpu_rules      the TPU PRNG and no-op hints (trace_value, touch).
+  support        the support table of Pallas primitives (docs/support.md).
   errors         the exceptions we raise.
   _jax           the only module that imports jax internals.
 """

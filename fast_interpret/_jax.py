@@ -113,20 +113,25 @@ lower_fun = mlir.lower_fun
 interpret_mode_config = config.pallas_tpu_interpret_mode_context_manager
 
 
-def pallas_primitive_set() -> frozenset[Primitive]:
-  """Every primitive defined by the Pallas modules we know of.
-
-  Such primitives never fall through to ``bind``: they need a rule, or they are
-  reported as unsupported.
-  """
+def pallas_primitive_modules() -> list[object]:
+  """The Pallas modules whose primitives we track."""
   modules = [pallas_primitives, tpu_primitives, pallas_core]
   try:
     from jax._src.pallas.mosaic import random as tpu_random  # pylint: disable=g-import-not-at-top
     modules.append(tpu_random)
   except ImportError:  # pragma: no cover - depends on the jax build.
     pass
+  return modules
+
+
+def pallas_primitive_set() -> frozenset[Primitive]:
+  """Every primitive defined by the Pallas modules we know of.
+
+  Such primitives never fall through to ``bind``: they need a rule, or they are
+  reported as unsupported.
+  """
   prims = set()
-  for module in modules:
+  for module in pallas_primitive_modules():
     for value in vars(module).values():
       if isinstance(value, core.Primitive):
         prims.add(value)
@@ -142,6 +147,12 @@ def uses_primitives(jaxpr: Jaxpr, prims) -> bool:
       if uses_primitives(sub, prims):
         return True
   return False
+
+
+def has_discharge_rule(prim: Primitive) -> bool:
+  """Whether JAX's state discharge (used by interpret=True) handles ``prim``."""
+  return (prim in state_discharge._discharge_rules  # pylint: disable=protected-access
+          or prim in state_discharge._partial_discharge_rules)  # pylint: disable=protected-access
 
 
 def has_generic_lowering(prim: Primitive) -> bool:
