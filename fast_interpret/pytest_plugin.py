@@ -5,8 +5,9 @@
   pytest -p fast_interpret.pytest_plugin --fast-interpret=tpu      # pltpu.InterpretParams
 
 Installed with the package, the plugin is also registered as a pytest entry
-point, so ``--fast-interpret`` works without ``-p``; without the option it
-does nothing. ``FAST_INTERPRET_PYTEST=<level>`` in the environment has the
+point under its module name (so that ``-p fast_interpret.pytest_plugin`` finds
+it registered rather than loading it twice), and ``--fast-interpret`` works
+without ``-p``; without the option it does nothing. ``FAST_INTERPRET_PYTEST=<level>`` in the environment has the
 same effect as the option.
 
 Every ``pallas_call``/``core_map`` traced during the session runs under the
