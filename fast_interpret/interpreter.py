@@ -23,7 +23,8 @@ from typing import Any
 from fast_interpret import _jax
 from fast_interpret import errors
 from fast_interpret import fences
-from fast_interpret.state import KernelState, RefHandle, BufferIds
+from fast_interpret.state import (BufferIds, KernelState, RefHandle,
+                                  is_semaphore_aval)
 
 Rule = Callable[..., tuple[KernelState, Any]]
 _RULES: dict[_jax.Primitive, Rule] = {}
@@ -149,7 +150,6 @@ def written_inputs(jaxpr: _jax.Jaxpr) -> frozenset[int]:
 
 @functools.lru_cache(maxsize=4096)
 def _written_inputs_cached(jaxpr: _jax.Jaxpr) -> frozenset[int]:
-  from fast_interpret.state import is_semaphore_aval  # pylint: disable=g-import-not-at-top
   written = set()
   all_vars = list(jaxpr.constvars) + list(jaxpr.invars)
   position = {v: i for i, v in enumerate(all_vars)}
