@@ -1,7 +1,8 @@
 """The main job: a real Pallas TPU kernel under fast interpret and JAX's modes.
 
 Runs ``flash_attention`` (forward, causal) from ``jax.experimental.pallas.ops.tpu``
-under ``FastInterpretParams()``, ``interpret=True`` and ``pltpu.InterpretParams()``
+under ``FastInterpretParams()`` (checks on, the default, and off),
+``interpret=True`` and ``pltpu.InterpretParams()``
 and prints, for each, the first-call time (trace + compile + run), the median
 per-call time and the max error against a plain jnp reference.
 
@@ -55,18 +56,20 @@ def main():
   args = [jax.random.normal(k, (1, 2, opts.seq, 128), jnp.float32)
           for k in keys]
   modes = [("fast_interpret", fast_interpret.FastInterpretParams()),
+           ("fast_interpret, checks off",
+            fast_interpret.FastInterpretParams.unchecked()),
            ("interpret=True", True)]
   if not opts.skip_tpu_mode:
     modes.append(("pltpu.InterpretParams()", pltpu.InterpretParams()))
   print(f"flash_attention fwd, causal, (1, 2, {opts.seq}, 128) f32, "
         f"{jax.devices()[0].platform}")
-  print(f"{'mode':<26}{'first call (s)':>16}{'per call (ms)':>16}"
+  print(f"{'mode':<30}{'first call (s)':>16}{'per call (ms)':>16}"
         f"{'max err':>12}")
   rows = [time_mode(name, mode, args, opts.repeats) for name, mode in modes]
   for name, first, per_call, err in rows:
-    print(f"{name:<26}{first:>16.2f}{per_call * 1e3:>16.2f}{err:>12.2e}")
+    print(f"{name:<30}{first:>16.2f}{per_call * 1e3:>16.2f}{err:>12.2e}")
   fast = rows[0]
-  for name, first, per_call, _ in rows[1:]:
+  for name, first, per_call, _ in rows[2:]:
     print(f"fast_interpret vs {name}: {per_call / fast[2]:.1f}x faster per "
           f"call, {first / fast[1]:.1f}x faster first call")
 
