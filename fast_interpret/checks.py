@@ -86,6 +86,11 @@ def record(state, sites: Sites, step, failed, template: str,
   return state.write(ERROR_ID, jnp.where(keep_old | ~failed, word, new))
 
 
+def placeholders(n: int) -> str:
+  """``"{0}, {1}, ..."`` for the first ``n`` reported values (at most six)."""
+  return ", ".join(f"{{{i}}}" for i in range(min(n, _NUM_VALUES)))
+
+
 def _is_static(v) -> bool:
   return isinstance(v, (int, np.integer)) or (
       isinstance(v, np.ndarray) and v.shape == ())
@@ -116,7 +121,7 @@ def record_bounds(ctx, state, report, name: str, what: str):
   """Records an error for every out-of-bounds indexer in ``report``."""
   for bad, starts, shape in report or ():
     starts = list(starts)[:_NUM_VALUES]
-    where = ", ".join(f"{{{i}}}" for i in range(len(starts)))
+    where = placeholders(len(starts))
     template = (f"out of bounds: {what} of {name} at index [{where}] (the "
                 f"start of each dimension) in a view of shape {shape}")
     state = record(state, ctx.sites, ctx.grid_step, bad, template, starts)

@@ -385,6 +385,9 @@ def interpret_pallas_call(
       if op.hbm_id in visited_ids:
         state = _check_revisit(ctx_here, state, op, visited_ids[op.hbm_id],
                                idx, write)
+    if check_semaphores:
+      state = _check_semaphores_released(ctx_here, state, scratch_handles,
+                                         is_last)
     return state.subset(carried)
 
   carry = {k: v for k, v in buffers.items() if k in carried}
@@ -403,9 +406,8 @@ def interpret_pallas_call(
     carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
                        interpret_params.num_cores_or_threads,
                        shared_ids={op.hbm_id for op in operands}
-                       | set(visited_ids.values()))
-  if check_semaphores:
-    carry = _check_semaphores_released(ctx, carry, scratch_handles, num_steps)
+                       | set(visited_ids.values())
+                       | ({checks.ERROR_ID} & carry.keys()))
   if checks.ERROR_ID in carry:
     checks.raise_if_failed(carry[checks.ERROR_ID], sites)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
@@ -426,7 +428,7 @@ def _check_block_index(ctx, state, op: Operand, block_indices):
     else:
       limit = padded
     bad = bad | (jnp.asarray(idx) < 0) | (jnp.asarray(idx) >= limit)
-  where = ", ".join(f"{{{i}}}" for i in range(min(len(block_indices), 6)))
+  where = checks.placeholders(len(block_indices))
   return checks.record(
       state, ctx.sites, ctx.grid_step, bad,
       f"out of bounds: the index map of {op.name} selects block [{where}], "
@@ -457,7 +459,7 @@ def _check_revisit(ctx, state, op: Operand, visited_id: int, block_indices,
   idx = [jnp.clip(jnp.asarray(i, jnp.int32), 0, n - 1)
          for i, n in zip(block_indices, visited.shape, strict=True)]
   seen = lax.dynamic_slice(visited, idx, (1,) * visited.ndim).reshape(())
-  where = ", ".join(f"{{{i}}}" for i in range(min(len(idx), 6)))
+  where = checks.placeholders(len(idx))
   state = checks.record(
       state, ctx.sites, ctx.grid_step, write & seen,
       f"output revisited: block [{where}] of {op.name} is written back a "
@@ -468,19 +470,21 @@ def _check_revisit(ctx, state, op: Operand, visited_id: int, block_indices,
   return state.write(visited_id, new)
 
 
-def _check_semaphores_released(ctx, carry, scratch_handles, num_steps):
-  """Semaphores left non-zero when the kernel ends are an error, as on TPU."""
-  state = KernelState(carry)
+def _check_semaphores_released(ctx, state, scratch_handles, is_last):
+  """Semaphores left non-zero when a core's last step ends are an error.
+
+  Checked at each core's last grid step, so that every simulated core's own
+  semaphores are seen (they are private to the core).
+  """
   for h in scratch_handles:
     if h.is_semaphore:
       value = state.read(h.buffer_id)
       state = checks.record(
-          state, ctx.sites, jnp.asarray(num_steps, jnp.int32) - 1,
-          jnp.any(value != 0),
+          state, ctx.sites, ctx.grid_step, is_last & jnp.any(value != 0),
           f"semaphore: {h.name} is left at {{0}} when the kernel ends; every "
           "signal (and DMA) must be matched by a wait", [value.ravel()[
               jnp.argmax(value.ravel() != 0)]])
-  return state.buffers
+  return state
 
 
 def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,
@@ -516,6 +520,9 @@ def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,
 def _run_cores(step_fn, carry, initial, per_core: int, num_steps: int,
                num_cores: int, shared_ids) -> dict[int, Any]:
   """Runs the cores one after another; only HBM is shared between them.
+
+  (The error word and the revisit tables are shared too: they describe the
+  whole call, not one core.)
 
   Each core starts with fresh copies of its VMEM/SMEM buffers, scratch and
   semaphores (scalar-prefetch operands are copied to every core's SMEM).

@@ -646,5 +646,50 @@ class LoweredProgramTest(parameterized.TestCase):
     self.assertNotIn("callback", text)
 
 
+
+class MultiCoreChecksTest(chex.TestCase):
+  """Errors and semaphore leftovers of every simulated core are reported."""
+
+  def _call(self, params):
+    def kernel(i_ref, x_ref, o_ref):
+      o_ref[...] = x_ref[pl.ds(i_ref[pl.program_id(0)], 8), :]
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+        grid=(2,),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM),
+                  pl.BlockSpec((16, LANES), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",)),
+        interpret=params)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_error_on_the_second_core_is_raised(self):
+    call = self.variant(self._call(FI(num_cores_or_threads=2)))
+    x = jnp.arange(16 * LANES, dtype=jnp.float32).reshape(16, LANES)
+    with self.assertRaisesRegex(Exception, OOB + r".*grid step 1"):
+      jax.block_until_ready(call(jnp.array([0, 12], jnp.int32), x))
+    out = call(jnp.array([0, 8], jnp.int32), x)
+    np.testing.assert_array_equal(out, x)
+
+  def test_semaphore_left_on_the_first_core_is_reported(self):
+    def kernel(o_ref, sem):
+      @pl.when(pl.program_id(0) == 0)
+      def _():
+        pl.semaphore_signal(sem, 1)
+      o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+        grid=(2,), out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
+        scratch_shapes=[pltpu.SemaphoreType.REGULAR],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",)),
+        interpret=FI(num_cores_or_threads=2))
+    with self.assertRaisesRegex(Exception,
+                                r"fast_interpret: semaphore: .*grid step 0"):
+      jax.block_until_ready(call())
+
 if __name__ == "__main__":
   absltest.main()
