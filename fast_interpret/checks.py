@@ -4,8 +4,10 @@ When a check is enabled, ``KernelState.buffers[ERROR_ID]`` holds an int32
 vector ``[site + 1, grid step, v0, v1, ...]``; 0 in the first slot means no
 error. A check that fails at run time records its *site* (a static message
 template registered while tracing) and the offending values, unless an
-earlier error is already recorded: the first error wins, as on hardware where
-the first fault stops the kernel.
+error of an earlier (or the same) grid step is already recorded: the first
+error wins, as on hardware where the first fault stops the kernel. (Checks
+of the whole grid made before the loop, see schedule.py, record the step they
+concern, so a kernel error at an earlier step still wins over them.)
 
 After the grid loop, one host callback reads the word and raises
 ``KernelCheckError`` with the kernel name, the operand, the grid step and the
@@ -81,9 +83,51 @@ def record(state, sites: Sites, step, failed, template: str,
   vals = [jnp.asarray(v, jnp.int32).reshape(()) for v in values][:_NUM_VALUES]
   vals += [jnp.int32(0)] * (_NUM_VALUES - len(vals))
   new = jnp.stack([jnp.int32(site + 1), jnp.asarray(step, jnp.int32), *vals])
-  word = state.read(ERROR_ID)
-  keep_old = word[0] != 0
-  return state.write(ERROR_ID, jnp.where(keep_old | ~failed, word, new))
+  return dataclasses.replace(state, pending=(*state.pending, (failed, new)))
+
+
+def flush(state):
+  """Folds the pending records into the error word: one update for many.
+
+  Updating the word at every check site costs a separate tiny XLA kernel
+  each; folding a straight-line run of records into one select chain lets
+  XLA fuse them. Called at the end of every traced body and before control
+  flow, so records stay in program order.
+  """
+  if not state.pending:
+    return state
+  entries = state.pending
+  failed_any = entries[0][0]
+  for failed, _ in entries[1:]:
+    failed_any = failed_any | failed
+  new = entries[-1][1]
+  for failed, candidate in reversed(entries[:-1]):
+    new = jnp.where(failed, candidate, new)
+  word = _first(state.read(ERROR_ID), new, failed_any)
+  return dataclasses.replace(state, pending=()).write(ERROR_ID, word)
+
+
+def _first(word, new, failed):
+  """The error of the earlier grid step; the one recorded first on a tie."""
+  keep_old = (word[0] != 0) & (word[1] <= new[1])
+  return jnp.where(keep_old | ~failed, word, new)
+
+
+def merge_first(state, words):
+  """Records the first error among ``words`` ([n, word] from a vmap)."""
+  failed = words[:, 0] != 0
+  new = words[jnp.argmax(failed)]
+  return state.write(ERROR_ID, _first(state.read(ERROR_ID), new,
+                                      jnp.any(failed)))
+
+
+def raise_static(sites: Sites, template: str, values: Sequence[Any],
+                 step: int):
+  """Raises, while tracing, an error known to happen at grid step ``step``."""
+  raise KernelCheckError(
+      f"fast_interpret: {template.format(*[int(v) for v in values])} "
+      f"(kernel {sites.kernel_name!r}, grid step {step}, found while "
+      "tracing)")
 
 
 def placeholders(n: int) -> str:

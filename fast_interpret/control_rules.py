@@ -13,6 +13,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
+from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
 from fast_interpret.interpreter import RuleContext, register_rule
@@ -35,6 +36,7 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
   """Evaluates a closed sub-jaxpr and checks it wrote only ``carried``."""
   new_state, outs = interpreter.eval_jaxpr(ctx, state, closed.jaxpr,
                                            closed.consts, invals)
+  new_state = checks.flush(new_state)
   interpreter.check_carried(state, new_state, carried, what)
   return new_state, outs
 
@@ -43,6 +45,7 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
 def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
                **_):
   """``lax.cond``/``lax.switch``/``pl.when``: a ``lax.switch`` over branches."""
+  state = checks.flush(state)
   carried = set().union(*(_written(state, b, ops) for b in branches))
 
   def make_branch(closed):
@@ -65,6 +68,7 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
   cond_consts = invals[:cond_nconsts]
   body_consts = invals[cond_nconsts:cond_nconsts + body_nconsts]
   init = invals[cond_nconsts + body_nconsts:]
+  state = checks.flush(state)
   carried = (_written(state, body_jaxpr, [*body_consts, *init])
              | _written(state, cond_jaxpr, [*cond_consts, *init]))
 
@@ -92,6 +96,7 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   consts = invals[:num_consts]
   init = invals[num_consts:num_consts + num_carry]
   xs = invals[num_consts + num_carry:]
+  state = checks.flush(state)
   carried = _written(state, jaxpr, [*consts, *init, *xs])
 
   def body_fn(carry, x):

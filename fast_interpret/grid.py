@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import interpreter
+from fast_interpret import schedule
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   scoped_memory_space, storage_dtype,
                                   uninitialized)
@@ -184,21 +186,6 @@ def _write_block(hbm, op: Operand, starts, block, write):
       starts)
 
 
-def _index_changes(old, new) -> Any:
-  changed = jnp.bool_(False)
-  for a, b in zip(old, new, strict=True):
-    changed = changed | (a != b)
-  return changed
-
-
-def _unravel(step, grid: Sequence[Any]) -> tuple[Any, ...]:
-  coords = []
-  for size in reversed(grid):
-    coords.append(lax.rem(step, jnp.asarray(size, jnp.int32)))
-    step = lax.div(step, jnp.asarray(size, jnp.int32))
-  return tuple(reversed(coords))
-
-
 def interpret_pallas_call(
     *args,
     jaxpr: _jax.Jaxpr,
@@ -322,79 +309,65 @@ def interpret_pallas_call(
   if _jax.uses_primitives(jaxpr, {_jax.prng_seed_p, _jax.prng_random_bits_p,
                                   _jax.random_bits_p}):
     buffers[tpu_rules.PRNG_ID] = tpu_rules.initial_prng_state()
-  visited_ids = {}
-  if interpret_params.check_output_revisits:
-    for op in out_ops:
-      if op.block_id is not None and _revisit_grid(op) is not None:
-        visited_ids[op.hbm_id] = ids.fresh()
-        buffers[visited_ids[op.hbm_id]] = jnp.zeros(_revisit_grid(op),
-                                                    jnp.bool_)
-  carried = ({op.hbm_id for op in out_ops}
-             | {op.block_id for op in out_ops if op.block_id is not None}
-             | {h.buffer_id for h in scratch_handles}
-             | (written - input_block_ids)
-             | set(visited_ids.values())
-             | {k for k in buffers if k < 0})
-  invariant = {k: v for k, v in buffers.items() if k not in carried}
-
   visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
   ctx = interpreter.RuleContext(
       params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores)
+  num_steps = math.prod(grid) if grid else 1
+  per_core = _steps_per_core(grid, num_steps, compiler_params,
+                             interpret_params.num_cores_or_threads,
+                             kernel_name)
+  plan, state = schedule.make(
+      ctx, KernelState(buffers), grid, operands, len(in_ops),
+      scalar_handles, written, _last_of_core(num_steps, per_core),
+      interpret_params.check_output_revisits)
+  buffers = {**checks.flush(state).buffers, **plan.buffers}
+  carried = ({op.hbm_id for op in out_ops}
+             | {op.block_id for op in out_ops if op.block_id is not None}
+             | {h.buffer_id for h in scratch_handles}
+             | (written - input_block_ids)
+             | set(plan.buffers)
+             | {k for k in buffers if k < 0})
+  invariant = {k: v for k, v in buffers.items() if k not in carried}
 
   def step_fn(step, carry: dict[int, Any], last_step) -> dict[int, Any]:
-    coords = _unravel(step, grid) if grid else ()
     state = KernelState({**invariant, **carry})
     ctx_here = dataclasses.replace(ctx, grid_step=step)
-    block_indices = [_eval_index_map(ctx_here, state, op, coords,
-                                     scalar_handles) for op in operands]
-    if check_bounds:
-      for op, idx in zip(operands, block_indices, strict=True):
-        state = _check_block_index(ctx_here, state, op, idx)
+    state, row = plan.fetch(ctx_here, state, step)
     starts = [_block_starts(op, idx)
-              for op, idx in zip(operands, block_indices, strict=True)]
+              for op, idx in zip(operands, row.block_indices, strict=True)]
     for op, st in zip(in_ops, starts[:len(in_ops)], strict=True):
       if op.block_id is not None:
         state = state.add(op.block_id,
                           _read_block(state.read(op.hbm_id), op, st))
     step_ctx = dataclasses.replace(
-        ctx_here, program_ids=tuple(coords[d] for d in visible))
+        ctx_here, program_ids=tuple(row.coords[d] for d in visible))
     before = state
     n_scalar = len(scalar_handles)
     step_args = list(kernel_args)
-    for k, (op, idx) in enumerate(zip(operands, block_indices, strict=True)):
+    for k, (op, idx) in enumerate(zip(operands, row.block_indices,
+                                      strict=True)):
       step_args[n_scalar + k] = windowed(op, kernel_args[n_scalar + k], idx)
     state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (), step_args)
     interpreter.check_carried(before, state, carried | input_block_ids,
                               f"kernel {kernel_name}")
     # As on TPU, an output block goes back to HBM when the next step maps it
     # to another block, or when this core's last step is done.
-    next_coords = _unravel(step + 1, grid) if grid else ()
     is_last = step == last_step
-    for op, st, idx in zip(out_ops, starts[len(in_ops):],
-                           block_indices[len(in_ops):], strict=True):
-      if op.block_id is None:
-        continue
-      nxt = _block_starts(op, _eval_index_map(ctx, state, op, next_coords,
-                                              scalar_handles))
-      write = is_last | _index_changes(st, nxt)
+    state, writes = plan.write_backs(ctx_here, state, step, row, is_last)
+    for k, write in writes.items():
+      op = operands[k]
       state = state.write(op.hbm_id, _write_block(
-          state.read(op.hbm_id), op, st, state.read(op.block_id), write))
-      if op.hbm_id in visited_ids:
-        state = _check_revisit(ctx_here, state, op, visited_ids[op.hbm_id],
-                               idx, write)
+          state.read(op.hbm_id), op, starts[k], state.read(op.block_id),
+          write))
     if check_semaphores:
       state = _check_semaphores_released(ctx_here, state, scratch_handles,
                                          is_last)
-    return state.subset(carried)
+    return checks.flush(state).subset(carried)
 
   carry = {k: v for k, v in buffers.items() if k in carried}
-  num_steps = math.prod(grid) if grid else 1
-  per_core = _steps_per_core(grid, num_steps, compiler_params,
-                             interpret_params.num_cores_or_threads,
-                             kernel_name)
   if per_core is None:
     if isinstance(num_steps, int) and num_steps == 1:
       carry = step_fn(jnp.int32(0), carry, jnp.int32(0))
@@ -406,68 +379,11 @@ def interpret_pallas_call(
     carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
                        interpret_params.num_cores_or_threads,
                        shared_ids={op.hbm_id for op in operands}
-                       | set(visited_ids.values())
+                       | set(plan.buffers)
                        | ({checks.ERROR_ID} & carry.keys()))
   if checks.ERROR_ID in carry:
     checks.raise_if_failed(carry[checks.ERROR_ID], sites)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
-
-
-def _check_block_index(ctx, state, op: Operand, block_indices):
-  """An index map must select a block inside the (padded) array."""
-  if op.block_id is None:
-    return state
-  bad = False
-  for dim, idx, size, padded in zip(op.mapping.block_shape, block_indices,
-                                    op.block_sizes, op.padded_shape,
-                                    strict=True):
-    if isinstance(dim, _jax.Blocked):
-      limit = padded // size
-    elif isinstance(dim, _jax.Element):
-      limit = padded - size + 1
-    else:
-      limit = padded
-    bad = bad | (jnp.asarray(idx) < 0) | (jnp.asarray(idx) >= limit)
-  where = checks.placeholders(len(block_indices))
-  return checks.record(
-      state, ctx.sites, ctx.grid_step, bad,
-      f"out of bounds: the index map of {op.name} selects block [{where}], "
-      f"outside the array of shape {op.mapping.array_aval.shape} in blocks "
-      f"of {op.block_sizes}", list(block_indices))
-
-
-def _revisit_grid(op: Operand) -> tuple[int, ...] | None:
-  """Shape of the table of an output's blocks, or None (Element dims)."""
-  shape = []
-  for dim, size, padded in zip(op.mapping.block_shape, op.block_sizes,
-                               op.padded_shape, strict=True):
-    if isinstance(dim, _jax.Element):
-      return None
-    shape.append(padded // size)
-  return tuple(shape)
-
-
-def _check_revisit(ctx, state, op: Operand, visited_id: int, block_indices,
-                   write):
-  """An output block written back twice was left and revisited.
-
-  On TPU the second visit starts from a stale VMEM buffer and its write-back
-  overwrites the first: almost always a bug (an 'arbitrary' dimension that
-  should be innermost, or a wrong index map).
-  """
-  visited = state.read(visited_id)
-  idx = [jnp.clip(jnp.asarray(i, jnp.int32), 0, n - 1)
-         for i, n in zip(block_indices, visited.shape, strict=True)]
-  seen = lax.dynamic_slice(visited, idx, (1,) * visited.ndim).reshape(())
-  where = checks.placeholders(len(idx))
-  state = checks.record(
-      state, ctx.sites, ctx.grid_step, write & seen,
-      f"output revisited: block [{where}] of {op.name} is written back a "
-      "second time after the grid moved to another block; on TPU the second "
-      "visit starts from a stale buffer", list(block_indices))
-  new = lax.dynamic_update_slice(
-      visited, jnp.reshape(seen | write, (1,) * visited.ndim), idx)
-  return state.write(visited_id, new)
 
 
 def _check_semaphores_released(ctx, state, scratch_handles, is_last):
@@ -485,6 +401,17 @@ def _check_semaphores_released(ctx, state, scratch_handles, is_last):
           "signal (and DMA) must be matched by a wait", [value.ravel()[
               jnp.argmax(value.ravel() != 0)]])
   return state
+
+
+def _last_of_core(num_steps, per_core: int | None):
+  """bool per step: True at each simulated core's last step (None: dynamic)."""
+  if not isinstance(num_steps, (int, np.integer)):
+    return None
+  steps = np.arange(num_steps)
+  last = steps == num_steps - 1
+  if per_core is not None:
+    last |= steps % per_core == per_core - 1
+  return last
 
 
 def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,
@@ -547,8 +474,3 @@ def _block_id(mapping, ids: BufferIds) -> int | None:
   return ids.fresh()
 
 
-def _eval_index_map(ctx, state, op: Operand, coords, scalar_handles):
-  closed = op.mapping.index_map_jaxpr
-  _, out = interpreter.eval_jaxpr(ctx, state, closed.jaxpr, closed.consts,
-                                  [*coords, *scalar_handles])
-  return out

@@ -56,9 +56,16 @@ class RefHandle:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KernelState:
-  """All simulated memory, as a pytree of arrays keyed by buffer id."""
+  """All simulated memory, as a pytree of arrays keyed by buffer id.
+
+  ``pending`` holds check records not yet folded into the error word (see
+  ``checks.record`` / ``checks.flush``); it must be empty whenever buffers
+  cross a ``lax`` boundary (``subset``).
+  """
 
   buffers: dict[int, Array]
+  pending: tuple[Any, ...] = dataclasses.field(
+      default=(), metadata=dict(static=True))
 
   def read(self, buffer_id: int) -> Array:
     return self.buffers[buffer_id]
@@ -80,6 +87,10 @@ class KernelState:
         self, buffers={k: v for k, v in self.buffers.items() if k not in ids})
 
   def subset(self, buffer_ids) -> dict[int, Array]:
+    if self.pending:
+      raise AssertionError(
+          "fast_interpret internal error: check records not flushed before "
+          "leaving a traced body")
     return {i: self.buffers[i] for i in sorted(buffer_ids)}
 
   def with_buffers(self, buffers: dict[int, Array]) -> KernelState:

@@ -1,0 +1,379 @@
+"""The grid schedule: each step's coordinates, block indices and write-backs.
+
+A TPU pipeline decides, for every grid step, which block of each operand to
+fetch and whether an output block goes back to HBM after the step (when the
+next step maps it to another block, or when the core's last step is done).
+Those decisions depend only on the grid and the index maps, so we make them
+once, before the grid loop, as one int32 table with a row per step:
+
+  [grid coordinates | block indices of each operand | write-back flags]
+
+Stages (``TableSchedule.build``):
+  1. Evaluate every index map for all grid points in one vectorised pass
+     (``jax.vmap`` over the steps). Index maps that read no ref are evaluated
+     while tracing (``jax.ensure_compile_time_eval``), so the table is a
+     constant of the program; index maps that read scalar-prefetch SMEM are
+     evaluated at run time, once, before the loop (their SMEM reads are
+     bounds-checked like any other).
+  2. Derive the write-back flags from consecutive rows and each core's last
+     step.
+  3. Check block indices and output revisits over the whole table. With a
+     constant table a failure raises while tracing; otherwise the first
+     failing step is recorded in the error word.
+
+The loop body then reads one row per step: no index-map evaluation, no
+div/mod for the coordinates and no per-step checks. Grids with dynamic
+bounds, grids of more than ``MAX_TABLE_STEPS`` steps, and index maps that read
+SMEM the kernel writes use ``StepwiseSchedule``, which evaluates the index
+maps inside the loop with the same checks per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from fast_interpret import _jax
+from fast_interpret import checks
+from fast_interpret import interpreter
+from fast_interpret.state import KernelState
+
+# A table row costs 4 bytes per column; beyond this many steps the table
+# would outweigh what it saves, and index maps are evaluated per step.
+MAX_TABLE_STEPS = 1 << 20
+
+
+def block_limits(op) -> tuple[int, ...]:
+  """Per dimension, one past the largest valid block index of ``op``."""
+  limits = []
+  for dim, size, padded in zip(op.mapping.block_shape, op.block_sizes,
+                               op.padded_shape, strict=True):
+    if isinstance(dim, _jax.Blocked):
+      limits.append(padded // size)
+    elif isinstance(dim, _jax.Element):
+      limits.append(padded - size + 1)
+    else:
+      limits.append(padded)
+  return tuple(limits)
+
+
+def revisit_grid(op) -> tuple[int, ...] | None:
+  """Shape of the table of an output's blocks, or None (Element dims)."""
+  shape = []
+  for dim, size, padded in zip(op.mapping.block_shape, op.block_sizes,
+                               op.padded_shape, strict=True):
+    if isinstance(dim, _jax.Element):
+      return None
+    shape.append(padded // size)
+  return tuple(shape)
+
+
+def _block_index_template(op) -> str:
+  where = checks.placeholders(len(op.block_sizes))
+  return (f"out of bounds: the index map of {op.name} selects block "
+          f"[{where}], outside the array of shape "
+          f"{op.mapping.array_aval.shape} in blocks of {op.block_sizes}")
+
+
+def _revisit_template(op) -> str:
+  where = checks.placeholders(len(op.block_sizes))
+  return (f"output revisited: block [{where}] of {op.name} is written back "
+          "a second time after the grid moved to another block; on TPU the "
+          "second visit starts from a stale buffer")
+
+
+def eval_index_map(ctx, state, op, coords, scalar_handles):
+  """(state, block indices) of ``op`` at grid point ``coords``."""
+  closed = op.mapping.index_map_jaxpr
+  return interpreter.eval_jaxpr(ctx, state, closed.jaxpr, closed.consts,
+                                [*coords, *scalar_handles])
+
+
+def _reads_refs(op) -> bool:
+  jaxpr = op.mapping.index_map_jaxpr.jaxpr
+  refs = {v for v in jaxpr.invars if isinstance(v.aval, _jax.AbstractRef)}
+  return any(v in refs for eqn in jaxpr.eqns for v in eqn.invars
+             if isinstance(v, _jax.Var))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """What the grid loop needs at one step.
+
+  Attributes:
+    coords: the grid coordinates.
+    block_indices: one tuple of block indices per operand.
+    writes: operand position -> whether its block goes back to HBM after the
+      step (TableSchedule only; StepwiseSchedule decides after the kernel).
+  """
+
+  coords: tuple[Any, ...]
+  block_indices: list[tuple[Any, ...]]
+  writes: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+
+class TableSchedule:
+  """Index maps evaluated once for the whole grid; one row lookup per step."""
+
+  @property
+  def buffers(self) -> dict[int, Any]:
+    """Bookkeeping buffers the loop must carry: none."""
+    return {}
+
+  def __init__(self, table, num_coords: int, index_cols: list[slice],
+               write_cols: dict[int, int]):
+    self._table = table
+    self._num_coords = num_coords
+    self._index_cols = index_cols
+    self._write_cols = write_cols
+
+  @classmethod
+  def build(cls, ctx, state: KernelState, grid: Sequence[int], operands,
+            num_inputs: int, scalar_handles, last_of_core: np.ndarray,
+            check_revisits: bool) -> tuple[TableSchedule, KernelState]:
+    """Evaluates the index maps for every step and checks them.
+
+    Args:
+      ctx: the kernel's RuleContext.
+      state: the state before the grid (scalar-prefetch buffers, error word).
+      grid: the static grid.
+      operands: every operand (grid.Operand), inputs first.
+      num_inputs: how many of ``operands`` are inputs.
+      scalar_handles: the scalar-prefetch refs index maps may read.
+      last_of_core: bool per step, True at each simulated core's last step.
+      check_revisits: whether output write-backs are checked for revisits.
+
+    Returns:
+      The schedule and the state with any failed check recorded.
+    """
+    num_steps = len(last_of_core)
+    steps = np.arange(num_steps, dtype=np.int32)
+    coords = (np.stack(np.unravel_index(steps, tuple(grid)), axis=1)
+              .astype(np.int32) if grid else np.zeros((1, 0), np.int32))
+    indices, state = _eval_all(ctx, state, operands, steps, coords,
+                               scalar_handles)
+    xp = np if all(isinstance(t, np.ndarray) for t in indices) else jnp
+    columns, index_cols, start = [coords], [], coords.shape[1]
+    for t in indices:
+      columns.append(t)
+      index_cols.append(slice(start, start + t.shape[1]))
+      start += t.shape[1]
+    # (bad per step, message, values per step), bounds before revisits.
+    failures = []
+    if ctx.check_bounds:
+      for k, op in enumerate(operands):
+        if op.block_id is not None:
+          t = indices[k]
+          bad = xp.any((t < 0) | (t >= xp.asarray(block_limits(op))), axis=1)
+          failures.append((bad, _block_index_template(op), t))
+    write_cols = {}
+    for k, op in enumerate(operands):
+      if k < num_inputs or op.block_id is None:
+        continue
+      t = indices[k]
+      changed = xp.concatenate([xp.any(t[:-1] != t[1:], axis=1),
+                                xp.ones((1,), bool)])
+      write = changed | last_of_core
+      columns.append(write.astype(np.int32)[:, None])
+      write_cols[k] = start
+      start += 1
+      if check_revisits and revisit_grid(op) is not None:
+        failures.append((_revisits(t, revisit_grid(op), write, xp),
+                         _revisit_template(op), t))
+    state = _report(ctx, state, failures, xp)
+    table = xp.concatenate([xp.asarray(c, np.int32) for c in columns], axis=1)
+    return cls(table, coords.shape[1], index_cols, write_cols), state
+
+  def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
+    del ctx
+    row = lax.dynamic_index_in_dim(jnp.asarray(self._table), step,
+                                   keepdims=False)
+    coords = tuple(row[d] for d in range(self._num_coords))
+    indices = [tuple(row[c] for c in range(s.start, s.stop))
+               for s in self._index_cols]
+    writes = {k: row[c] > 0 for k, c in self._write_cols.items()}
+    return state, Row(coords, indices, writes)
+
+  def write_backs(self, ctx, state, step, row: Row, is_last):
+    del ctx, step, is_last
+    return state, row.writes
+
+
+class StepwiseSchedule:
+  """Index maps evaluated inside the loop, for the current and next step."""
+
+  def __init__(self, ctx, grid, operands, num_inputs: int, scalar_handles,
+               check_revisits: bool):
+    self._grid = grid
+    self._operands = operands
+    self._num_inputs = num_inputs
+    self._scalars = scalar_handles
+    # Revisits are found with a table of each output's blocks, marked at
+    # every write-back (shared between simulated cores, like HBM).
+    self.visited: dict[int, int] = {}
+    self.buffers: dict[int, Any] = {}
+    for k, op in enumerate(operands):
+      if (check_revisits and k >= num_inputs and op.block_id is not None
+          and revisit_grid(op) is not None):
+        self.visited[k] = ctx.fresh_buffer_id()
+        self.buffers[self.visited[k]] = jnp.zeros(revisit_grid(op), bool)
+
+  def _indices(self, ctx, state, coords):
+    indices = []
+    for op in self._operands:
+      state, out = eval_index_map(ctx, state, op, coords, self._scalars)
+      indices.append(tuple(out))
+    return state, indices
+
+  def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
+    coords = unravel(step, self._grid) if self._grid else ()
+    state, indices = self._indices(ctx, state, coords)
+    if ctx.check_bounds:
+      for op, idx in zip(self._operands, indices, strict=True):
+        if op.block_id is None:
+          continue
+        bad = False
+        for i, limit in zip(idx, block_limits(op), strict=True):
+          bad = bad | (jnp.asarray(i) < 0) | (jnp.asarray(i) >= limit)
+        state = checks.record(state, ctx.sites, ctx.grid_step, bad,
+                              _block_index_template(op), list(idx))
+    return state, Row(coords, indices)
+
+  def write_backs(self, ctx, state, step, row: Row, is_last):
+    next_coords = unravel(step + 1, self._grid) if self._grid else ()
+    # After the last step the next coordinates lie outside the grid: their
+    # index-map reads are not checked (``is_last`` decides that write).
+    _, nxt = self._indices(ctx, state, next_coords)
+    writes = {}
+    for k, op in enumerate(self._operands):
+      if k < self._num_inputs or op.block_id is None:
+        continue
+      changed = False
+      for a, b in zip(row.block_indices[k], nxt[k], strict=True):
+        changed = changed | (jnp.asarray(a) != jnp.asarray(b))
+      writes[k] = is_last | changed
+      if k in self.visited:
+        state = self._check_revisit(ctx, state, op, self.visited[k],
+                                    row.block_indices[k], writes[k])
+    return state, writes
+
+  @staticmethod
+  def _check_revisit(ctx, state, op, visited_id: int, block_indices, write):
+    visited = state.read(visited_id)
+    idx = [jnp.clip(jnp.asarray(i, jnp.int32), 0, n - 1)
+           for i, n in zip(block_indices, visited.shape, strict=True)]
+    seen = lax.dynamic_slice(visited, idx, (1,) * visited.ndim).reshape(())
+    state = checks.record(state, ctx.sites, ctx.grid_step, write & seen,
+                          _revisit_template(op), list(block_indices))
+    new = lax.dynamic_update_slice(
+        visited, jnp.reshape(seen | write, (1,) * visited.ndim), idx)
+    return state.write(visited_id, new)
+
+
+def unravel(step, grid: Sequence[Any]) -> tuple[Any, ...]:
+  coords = []
+  for size in reversed(grid):
+    coords.append(lax.rem(step, jnp.asarray(size, jnp.int32)))
+    step = lax.div(step, jnp.asarray(size, jnp.int32))
+  return tuple(reversed(coords))
+
+
+def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
+         written: set[int], last_of_core: np.ndarray | None,
+         check_revisits: bool):
+  """The schedule for this call: a table where possible (see module doc).
+
+  Args:
+    last_of_core: bool per step, True at each core's last step; None when
+      the number of steps is not static.
+  """
+  static = (last_of_core is not None and len(last_of_core) <= MAX_TABLE_STEPS
+            and all(isinstance(g, (int, np.integer)) for g in grid))
+  reads_written = any(h.buffer_id in written for h in scalar_handles) and any(
+      _reads_refs(op) for op in operands)
+  if static and not reads_written:
+    return TableSchedule.build(ctx, state, grid, operands, num_inputs,
+                               scalar_handles, last_of_core, check_revisits)
+  schedule = StepwiseSchedule(ctx, grid, operands, num_inputs,
+                              scalar_handles, check_revisits)
+  return schedule, state
+
+
+def _revisits(t, shape, write, xp):
+  """bool per step: the block written back here was written back before."""
+  clipped = [xp.clip(t[:, d], 0, n - 1) for d, n in enumerate(shape)]
+  key = xp.zeros(t.shape[0], np.int32)
+  for c, n in zip(clipped, shape, strict=True):
+    key = key * n + c
+  # Steps that write nothing get distinct keys that no block has.
+  key = xp.where(write, key, -1 - xp.arange(t.shape[0], dtype=np.int32))
+  order = (np.argsort(key, kind="stable") if xp is np
+           else jnp.argsort(key, stable=True))
+  ordered = key[order]
+  repeat = xp.concatenate([xp.zeros((1,), bool), ordered[1:] == ordered[:-1]])
+  bad = xp.zeros(t.shape[0], bool)
+  if xp is np:
+    bad[order] = repeat
+    return bad
+  return bad.at[order].set(repeat)
+
+
+def _report(ctx, state, failures, xp):
+  """Records, for each (bad, template, values), the first step ``bad`` holds.
+
+  With constant tables the earliest failure raises now; on a tie the one
+  listed first wins, as the error word does at run time.
+  """
+  if xp is np:
+    found = [(int(np.argmax(bad)), k) for k, (bad, _, _) in
+             enumerate(failures) if bad.any()]
+    if found:
+      step, k = min(found)
+      _, template, values = failures[k]
+      checks.raise_static(ctx.sites, template, list(values[step]), step)
+    return state
+  for bad, template, values in failures:
+    step = jnp.argmax(bad)
+    row = lax.dynamic_index_in_dim(values, step, keepdims=False)
+    # Flushed one by one: these records concern different steps, and only
+    # the word (not a pending run) orders records by step.
+    state = checks.flush(checks.record(
+        state, ctx.sites, step, jnp.any(bad), template,
+        [row[i] for i in range(values.shape[1])]))
+  return state
+
+
+def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
+  """Every operand's block indices at every step: [num_steps, ndim] each."""
+  # Index maps see only the scalar-prefetch buffers and a fresh error word,
+  # so maps that read no ref give concrete tables.
+  buffers = {h.buffer_id: state.read(h.buffer_id) for h in scalar_handles}
+  checked = checks.ERROR_ID in state.buffers
+  num_sites = len(ctx.sites.templates) if ctx.sites else 0
+
+  def one(step, row):
+    local = KernelState(
+        {**buffers, **({checks.ERROR_ID: checks.initial_word()}
+                       if checked else {})})
+    here = dataclasses.replace(ctx, grid_step=step)
+    coords_here = [row[d] for d in range(row.shape[0])]
+    outs = []
+    for op in operands:
+      local, out = eval_index_map(here, local, op, coords_here,
+                                  scalar_handles)
+      outs.append(jnp.stack([jnp.asarray(o, jnp.int32) for o in out])
+                  if out else jnp.zeros((0,), jnp.int32))
+    return outs, checks.flush(local).buffers.get(checks.ERROR_ID)
+
+  with jax.ensure_compile_time_eval():
+    tables, words = jax.vmap(one)(jnp.asarray(steps), jnp.asarray(coords))
+  tables = [t if isinstance(t, jax.core.Tracer) else np.asarray(t)
+            for t in tables]
+  if checked and ctx.sites and len(ctx.sites.templates) > num_sites:
+    state = checks.merge_first(state, words)
+  return tables, state

@@ -1,0 +1,249 @@
+"""Tests of the grid schedule (fast_interpret/schedule.py).
+
+The schedule decides, once per call, every step's block indices and output
+write-backs. Three ways to build it are covered, each against a NumPy
+reference of the same pipeline and with its checks:
+  * a constant table (index maps that read no ref): block-index and revisit
+    errors raise while tracing, with the grid step;
+  * a table computed at run time (index maps reading scalar prefetch): errors
+    raise at run time; index-map SMEM reads are bounds-checked; a kernel
+    error at an earlier grid step still wins;
+  * index maps evaluated per step (dynamic grid bounds, or an index map that
+    reads SMEM the kernel writes), with the same checks.
+
+Run:  python -m pytest tests/schedule_test.py -q
+"""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+
+import fast_interpret
+from tests import feature_util
+
+FI = fast_interpret.FastInterpretParams
+OOB = r"fast_interpret: out of bounds"
+REVISIT = r"fast_interpret: output revisited"
+ROWS, LANES = 32, 128
+X = jnp.arange(ROWS * LANES, dtype=jnp.float32).reshape(ROWS, LANES)
+
+setUpModule = feature_util.setUpModule
+
+
+def _i32(*values):
+  return jnp.array(values, jnp.int32)
+
+
+def _copy_kernel(x_ref, o_ref):
+  o_ref[...] = x_ref[...] + 1.0
+
+
+def _static_call(in_map, out_map, grid, params):
+  return pl.pallas_call(
+      _copy_kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+      grid=grid, in_specs=[pl.BlockSpec((8, LANES), in_map)],
+      out_specs=pl.BlockSpec((8, LANES), out_map), interpret=params)
+
+
+def _prefetch_kernel(s_ref, x_ref, o_ref):
+  del s_ref
+  o_ref[...] = x_ref[...] + 1.0
+
+
+def _prefetch_call(out_rows, grid, params, in_map=None, out_map=None):
+  """Input block s[i], output block s[grid + i] (both from scalar prefetch)."""
+  n = grid[0]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=grid,
+      in_specs=[pl.BlockSpec((8, LANES), in_map or (lambda i, s: (s[i], 0)))],
+      out_specs=pl.BlockSpec((8, LANES),
+                             out_map or (lambda i, s: (s[n + i], 0))))
+  return pl.pallas_call(
+      _prefetch_kernel,
+      out_shape=jax.ShapeDtypeStruct((out_rows, LANES), jnp.float32),
+      grid_spec=grid_spec, interpret=params)
+
+
+def _pipeline_reference(x, in_blocks, out_blocks, out_rows):
+  """What the TPU pipeline computes: the last write-back of a block wins."""
+  out = np.full((out_rows, LANES), np.nan, np.float32)
+  x = np.asarray(x)
+  for i, o in zip(in_blocks, out_blocks, strict=True):
+    out[8 * o:8 * o + 8] = x[8 * i:8 * i + 8] + 1.0
+  return out
+
+
+class ConstantTableTest(chex.TestCase):
+  """Index maps that read no ref: checked while tracing."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_block_index_out_of_bounds_raises_while_tracing(self):
+    call = self.variant(_static_call(lambda i: (i, 0), lambda i: (i % 2, 0),
+                                     (3,), FI()))
+    with self.assertRaisesRegex(
+        fast_interpret.KernelCheckError,
+        OOB + r": the index map of .* selects block \[2, 0\].*grid step 2, "
+        "found while tracing"):
+      call(X[:16])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_revisit_raises_while_tracing(self):
+    # The output block follows only j, the inner dimension: i revisits.
+    call = self.variant(_static_call(lambda i, j: (j, 0),
+                                     lambda i, j: (j, 0), (2, 2), FI()))
+    with self.assertRaisesRegex(
+        fast_interpret.KernelCheckError,
+        REVISIT + r": block \[0, 0\] .*grid step 2, found while tracing"):
+      call(X[:16])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_revisit_unchecked_runs_like_the_pipeline(self):
+    call = self.variant(_static_call(lambda i, j: (j, 0),
+                                     lambda i, j: (j, 0), (2, 2),
+                                     FI(check_output_revisits=False)))
+    want = _pipeline_reference(X[:16], [0, 1, 0, 1], [0, 1, 0, 1], 16)
+    np.testing.assert_array_equal(call(X[:16]), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_consecutive_visits_are_not_revisits(self):
+    # The output block follows i, the outer dimension: written once each.
+    def kernel(x_ref, o_ref):
+      @pl.when(pl.program_id(1) == 0)
+      def _():
+        o_ref[...] = jnp.zeros_like(o_ref)
+      o_ref[...] += x_ref[...]
+
+    call = self.variant(pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+        grid=(2, 4), in_specs=[pl.BlockSpec((8, LANES), lambda i, j: (j, 0))],
+        out_specs=pl.BlockSpec((8, LANES), lambda i, j: (i, 0)),
+        interpret=FI()))
+    want = np.tile(np.asarray(X).reshape(4, 8, LANES).sum(0), (2, 1))
+    np.testing.assert_allclose(call(X), want)
+
+
+class RunTimeTableTest(chex.TestCase):
+  """Index maps that read scalar prefetch: checked before the loop."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("in_order", (0, 1, 2, 3), (0, 0, 1, 1)),
+      ("permuted", (3, 0, 2, 1), (1, 1, 0, 0)),
+  )
+  def test_blocks_follow_scalar_prefetch(self, ins, outs):
+    call = self.variant(_prefetch_call(16, (4,), FI()))
+    want = _pipeline_reference(X, ins, outs, 16)
+    np.testing.assert_array_equal(call(_i32(*ins, *outs), X), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_revisit_raises_at_run_time(self):
+    call = self.variant(_prefetch_call(16, (3,), FI()))
+    with self.assertRaisesRegex(Exception,
+                                REVISIT + r": block \[0, 0\].*grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1, 2, 0, 1, 0), X))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_block_index_out_of_bounds_raises_at_run_time(self):
+    call = self.variant(_prefetch_call(16, (2,), FI()))
+    with self.assertRaisesRegex(
+        Exception, OOB + r": the index map of .* selects block \[4, 0\].*"
+        r"grid step 1\)"):
+      jax.block_until_ready(call(_i32(0, 4, 0, 1), X))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_index_map_smem_read_out_of_bounds(self):
+    # The input index map reads s[2 * i + 1]: past the end at step 2.
+    call = self.variant(_prefetch_call(
+        24, (3,), FI(), in_map=lambda i, s: (s[2 * i + 1], 0),
+        out_map=lambda i, s: (i, 0)))
+    with self.assertRaisesRegex(
+        Exception, OOB + r": load of scalar_prefetch\[0\] at index \[5\].*"
+        r"grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1, 2, 3, 0), X))
+    out = self.variant(_prefetch_call(
+        24, (3,), FI.unchecked(), in_map=lambda i, s: (s[2 * i + 1], 0),
+        out_map=lambda i, s: (i, 0)))(_i32(0, 1, 2, 3, 0), X)
+    self.assertEqual(out.shape, (24, LANES))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_kernel_error_at_an_earlier_step_wins(self):
+    # Step 0 loads out of bounds in the body; the index map fails at step 1.
+    def kernel(s_ref, x_ref, o_ref):
+      o_ref[...] = x_ref[pl.ds(s_ref[pl.program_id(0) + 2], 8), :]
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(2,),
+        in_specs=[pl.BlockSpec((16, LANES), lambda i, s: (s[i], 0))],
+        out_specs=pl.BlockSpec((8, LANES), lambda i, s: (i, 0)))
+    call = self.variant(pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+        grid_spec=grid_spec, interpret=FI()))
+    with self.assertRaises(Exception) as cm:
+      jax.block_until_ready(call(_i32(0, 7, 12, 0), X))
+    self.assertRegex(str(cm.exception),
+                     OOB + r": load of .* at index \[12, 0\].*grid step 0\)")
+    out = call(_i32(0, 1, 3, 8), X)
+    np.testing.assert_array_equal(
+        out, jnp.concatenate([X[3:11], X[24:32]]))
+
+
+class StepwiseTest(chex.TestCase):
+  """Schedules that cannot be tabulated: index maps run inside the loop."""
+
+  def _dynamic_grid(self, out_map, params):
+    def run(n, x):
+      return pl.pallas_call(
+          _copy_kernel,
+          out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+          grid=(n,), in_specs=[pl.BlockSpec((8, LANES), lambda i: (i % 4, 0))],
+          out_specs=pl.BlockSpec((8, LANES), out_map), interpret=params)(x)
+    return jax.jit(run)
+
+  def test_dynamic_grid_matches_reference(self):
+    out = self._dynamic_grid(lambda i: (i // 2, 0), FI())(jnp.int32(4), X)
+    want = _pipeline_reference(X, [0, 1, 2, 3], [0, 0, 1, 1], 16)
+    np.testing.assert_array_equal(out, want)
+
+  def test_dynamic_grid_revisit_raises(self):
+    with self.assertRaisesRegex(Exception,
+                                REVISIT + r": block \[0, 0\].*grid step 2\)"):
+      jax.block_until_ready(
+          self._dynamic_grid(lambda i: (i % 2, 0), FI())(jnp.int32(3), X))
+
+  def test_dynamic_grid_block_index_out_of_bounds_raises(self):
+    with self.assertRaisesRegex(
+        Exception, OOB + r": the index map of .* selects block \[2, 0\].*"
+        r"grid step 2\)"):
+      jax.block_until_ready(
+          self._dynamic_grid(lambda i: (i, 0), FI())(jnp.int32(3), X))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_index_map_reading_smem_the_kernel_writes(self):
+    # The kernel rewrites s[1] at step 0; the output index map of step 1
+    # must see the new value, as on a TPU (scalar prefetch lives in SMEM).
+    def kernel(s_ref, x_ref, o_ref):
+      @pl.when(pl.program_id(0) == 0)
+      def _():
+        s_ref[1] = 3
+      o_ref[...] = x_ref[...] + 1.0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(2,),
+        in_specs=[pl.BlockSpec((8, LANES), lambda i, s: (i, 0))],
+        out_specs=pl.BlockSpec((8, LANES), lambda i, s: (s[i], 0)))
+    call = self.variant(pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((32, LANES), jnp.float32),
+        grid_spec=grid_spec, interpret=FI()))
+    out = np.asarray(call(_i32(0, 1), X))
+    want = _pipeline_reference(X, [0, 1], [0, 3], 32)
+    np.testing.assert_array_equal(out[:8], want[:8])
+    np.testing.assert_array_equal(out[24:], want[24:])
+
+
+if __name__ == "__main__":
+  absltest.main()
