@@ -26,6 +26,7 @@ from jax._src.pallas import pallas_call as pallas_call_module
 from jax._src.pallas import primitives as pallas_primitives
 from jax._src.pallas.mosaic import core as tpu_core
 from jax._src.pallas.mosaic import primitives as tpu_primitives
+from jax._src.pallas.mosaic import tpu_info
 from jax._src.pallas.mosaic.interpret import params as tpu_interpret_params
 from jax._src.state import discharge as state_discharge
 from jax._src.state import indexing
@@ -180,6 +181,20 @@ def wrap_lowering(prim: Primitive, make_rule) -> None:
     new_rule = make_rule(entry.rule)
     new_rule._fast_interpret_rule = True  # pylint: disable=protected-access
     table[prim] = dataclasses.replace(entry, rule=new_rule)
+
+
+def register_simulated_tpu(device_kind: str, chip: str) -> None:
+  """Lets ``pltpu.get_tpu_info()`` answer on a non-TPU ``device_kind``.
+
+  ``pltpu.emit_pipeline`` asks for the TPU's tiling while the kernel is
+  traced, before any interpret mode is involved; on CPU that raises
+  ``Unsupported TPU device kind``. A registered kind answers with the
+  description of ``chip`` (one TensorCore). A kind already registered, by
+  the user or by JAX, is left alone.
+  """
+  version = tpu_info.ChipVersion(chip)
+  tpu_info.registry.setdefault(
+      device_kind, lambda: tpu_info.get_tpu_info_for_chip(version, 1))
 
 
 def interpret_effects_hook():

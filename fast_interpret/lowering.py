@@ -5,6 +5,10 @@ call's ``interpret`` is a ``FastInterpretParams`` we lower our own traceable
 simulation with ``mlir.lower_fun``; any other value goes to JAX's own rule
 unchanged. We also tell Pallas that our mode has no host-callback effects
 (``pltpu.InterpretParams`` declares IO effects, which we do not have).
+
+Kernels that ask for the TPU's description while they are traced
+(``pltpu.emit_pipeline`` does, for its tiling) would fail on a CPU host;
+we register a simulated TPU (``SIMULATED_CHIP``) for the ``cpu`` device kind.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from fast_interpret import _jax
 from fast_interpret.params import FastInterpretParams
 
 _installed = False
+
+# The chip whose description `pltpu.get_tpu_info()` returns on CPU hosts: a
+# common single-TensorCore chip (its (8, 128) tiling is what pipelines use).
+SIMULATED_CHIP = "v5e"
 
 
 def _make_lowering(jax_rule):
@@ -43,4 +51,5 @@ def install() -> None:
     return jax_effects(interpret)
 
   set_effects(effects)
+  _jax.register_simulated_tpu("cpu", SIMULATED_CHIP)
   _installed = True
