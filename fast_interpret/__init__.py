@@ -22,6 +22,8 @@ Modules:
   fences         fusion fences against XLA:CPU recomputation.
   pytest_plugin  --fast-interpret for whole test sessions.
   tpu_rules      the TPU PRNG and no-op hints (trace_value, touch).
+  vector_rules   stochastic_round, pack/unpack_elementwise.
+  debug_rules    debug prints, checkify checks and pl.debug_check.
   support        the support table of Pallas primitives (docs/support.md).
   errors         the exceptions we raise.
   _jax           the only module that imports jax internals.

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 from jax._src import config
+from jax._src import checkify
 from jax._src import core
+from jax._src import debugging
+from jax._src import dtypes
 from jax._src import effects
 from jax._src import pjit
 from jax._src.random import prng
@@ -26,6 +29,7 @@ from jax._src.pallas import pallas_call as pallas_call_module
 from jax._src.pallas import primitives as pallas_primitives
 from jax._src.pallas.mosaic import core as tpu_core
 from jax._src.pallas.mosaic import primitives as tpu_primitives
+from jax._src.pallas.mosaic import tpu_info
 from jax._src.pallas.mosaic.interpret import params as tpu_interpret_params
 from jax._src.state import discharge as state_discharge
 from jax._src.state import indexing
@@ -88,6 +92,16 @@ prng_random_bits_p = tpu_primitives.prng_random_bits_p
 trace_value_p = tpu_primitives.trace_value_p
 touch_p = tpu_primitives.touch_p
 random_bits_p = prng.random_bits_p
+stochastic_round_p = tpu_primitives.stochastic_round_p
+pack_elementwise_p = tpu_primitives.pack_elementwise_p
+unpack_elementwise_p = tpu_primitives.unpack_elementwise_p
+itemsize_bits = dtypes.itemsize_bits
+debug_print_p = debugging.debug_print_p
+debug_callback_p = debugging.debug_callback_p
+check_p = checkify.check_p
+checkify_rules = checkify.error_checks
+checkify_jaxpr = checkify.checkify_jaxpr
+debug_checks_enabled = pallas_core.debug_checks_enabled
 random_unwrap = prng.random_unwrap
 
 
@@ -180,6 +194,34 @@ def wrap_lowering(prim: Primitive, make_rule) -> None:
     new_rule = make_rule(entry.rule)
     new_rule._fast_interpret_rule = True  # pylint: disable=protected-access
     table[prim] = dataclasses.replace(entry, rule=new_rule)
+
+
+def in_device_memory(x):
+  """``x`` typed as plain device memory.
+
+  ``pltpu.with_memory_space_constraint`` types a pallas_call operand as
+  VMEM/SMEM/HBM; the simulation keeps every buffer in one memory, and JAX
+  refuses to mix differently typed operands in one op.
+  """
+  space = getattr(core.typeof(x), "memory_space", core.MemorySpace.Device)
+  if space == core.MemorySpace.Device:
+    return x
+  return pallas_core.with_memory_space_constraint_p.bind(
+      x, memory_space=core.MemorySpace.Device)
+
+
+def register_simulated_tpu(device_kind: str, chip: str) -> None:
+  """Lets ``pltpu.get_tpu_info()`` answer on a non-TPU ``device_kind``.
+
+  ``pltpu.emit_pipeline`` asks for the TPU's tiling while the kernel is
+  traced, before any interpret mode is involved; on CPU that raises
+  ``Unsupported TPU device kind``. A registered kind answers with the
+  description of ``chip`` (one TensorCore). A kind already registered, by
+  the user or by JAX, is left alone.
+  """
+  version = tpu_info.ChipVersion(chip)
+  tpu_info.registry.setdefault(
+      device_kind, lambda: tpu_info.get_tpu_info_for_chip(version, 1))
 
 
 def interpret_effects_hook():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,8 +43,23 @@ def _view(ref) -> tuple[RefHandle, tuple]:
   return handle, handle.transforms + extra
 
 
-def _nbytes(value) -> int:
-  return math.prod(value.shape) * np.dtype(value.dtype).itemsize
+def _nbytes(value, transforms=()) -> int:
+  """Bytes a copy of ``value`` moves; ``transforms`` name its source view."""
+  nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+  num, den = views.dynamic_size_fraction(transforms)
+  return nbytes if den == 1 else nbytes * num // den
+
+
+def _fit(value, shape):
+  """Pads (zeros) or cuts ``value`` to ``shape``, dimension by dimension.
+
+  Between views of dynamic size only the leading ``size`` rows of a
+  dimension matter (views.py); the rest may differ in extent.
+  """
+  pads = [(0, max(0, t - v), 0) for v, t in zip(value.shape, shape,
+                                                strict=True)]
+  value = lax.pad(value, jnp.zeros((), value.dtype), pads)
+  return lax.slice(value, [0] * len(shape), shape)
 
 
 def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
@@ -90,7 +106,13 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   state = checks.record_bounds(ctx, state, src_report, src_h.name,
                                "DMA source")
 
+  nbytes = _nbytes(value, src_t)
+  dynamic = views.has_dynamic_size(src_t) or views.has_dynamic_size(dst_t)
+
   def put(view):
+    nonlocal value
+    if dynamic and view.ndim == value.ndim:
+      value = _fit(value, view.shape)
     if view.shape != value.shape:
       raise errors.UnsupportedFeatureError(
           f"a DMA from {src_h.name} {value.shape} into {dst_h.name} "
@@ -103,7 +125,7 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
                                "DMA destination")
   state = state.write(dst_h.buffer_id, buf)
-  return _add_to_semaphore(ctx, state, dst_sem, _nbytes(value)), []
+  return _add_to_semaphore(ctx, state, dst_sem, nbytes), []
 
 
 @register_rule(_jax.dma_wait_p)
@@ -115,7 +137,7 @@ def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   _require_local(ctx, device_id, "DMA wait")
   src_h, src_t = _view(src)
   shape = views.read(state.read(src_h.buffer_id), src_t)
-  return _add_to_semaphore(ctx, state, dst_sem, -_nbytes(shape),
+  return _add_to_semaphore(ctx, state, dst_sem, -_nbytes(shape, src_t),
                            "a DMA wait"), []
 
 

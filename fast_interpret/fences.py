@@ -41,7 +41,7 @@ def opaque_true(*candidates) -> Any:
   for x in candidates:
     if hasattr(x, "dtype") and getattr(x, "size", 0):
       first = jnp.ravel(x)[0]
-      width = first.dtype.itemsize * 8
+      width = _jax.itemsize_bits(first.dtype)  # 4 for int4, not 8
       if jnp.issubdtype(first.dtype, jnp.bool_) or width not in (8, 16, 32, 64):
         bits = first.astype(jnp.int32)
       else:

@@ -43,10 +43,12 @@ from fast_interpret.state import (BufferIds, KernelState, RefHandle,
 
 # Register every rule module.
 from fast_interpret import control_rules  # pylint: disable=unused-import
+from fast_interpret import debug_rules  # pylint: disable=unused-import
 from fast_interpret import dma_rules  # pylint: disable=unused-import
 from fast_interpret import memory_rules  # pylint: disable=unused-import
 from fast_interpret import program_rules  # pylint: disable=unused-import
 from fast_interpret import tpu_rules
+from fast_interpret import vector_rules  # pylint: disable=unused-import
 
 _HBM_SPACES = ("any", "hbm")
 

@@ -5,24 +5,39 @@ call's ``interpret`` is a ``FastInterpretParams`` we lower our own traceable
 simulation with ``mlir.lower_fun``; any other value goes to JAX's own rule
 unchanged. We also tell Pallas that our mode has no host-callback effects
 (``pltpu.InterpretParams`` declares IO effects, which we do not have).
+
+Kernels that ask for the TPU's description while they are traced
+(``pltpu.emit_pipeline`` does, for its tiling) would fail on a CPU host;
+we register a simulated TPU (``SIMULATED_CHIP``) for the ``cpu`` device kind.
 """
 
 from __future__ import annotations
-
-import functools
 
 from fast_interpret import _jax
 from fast_interpret.params import FastInterpretParams
 
 _installed = False
 
+# The chip whose description `pltpu.get_tpu_info()` returns on CPU hosts: a
+# common single-TensorCore chip (its (8, 128) tiling is what pipelines use).
+SIMULATED_CHIP = "v5e"
+
+
+def simulation(interpret: FastInterpretParams, params):
+  """The traceable simulation of a pallas_call with these parameters."""
+  from fast_interpret import grid  # pylint: disable=g-import-not-at-top
+
+  def impl(*args):
+    args = [_jax.in_device_memory(a) for a in args]
+    return grid.interpret_pallas_call(*args, interpret_params=interpret,
+                                      **params)
+  return impl
+
 
 def _make_lowering(jax_rule):
   def rule(ctx, *in_nodes, interpret, **params):
     if isinstance(interpret, FastInterpretParams):
-      from fast_interpret import grid  # pylint: disable=g-import-not-at-top
-      impl = functools.partial(grid.interpret_pallas_call,
-                               interpret_params=interpret, **params)
+      impl = simulation(interpret, params)
       return _jax.lower_fun(impl, multiple_results=True)(ctx, *in_nodes)
     return jax_rule(ctx, *in_nodes, interpret=interpret, **params)
   return rule
@@ -43,4 +58,7 @@ def install() -> None:
     return jax_effects(interpret)
 
   set_effects(effects)
+  _jax.register_simulated_tpu("cpu", SIMULATED_CHIP)
+  from fast_interpret import debug_rules  # pylint: disable=g-import-not-at-top
+  debug_rules.install()
   _installed = True

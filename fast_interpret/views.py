@@ -9,6 +9,11 @@ Indexers made only of unit-stride slices and scalar indices become
 ``lax.slice`` (all starts static) or ``dynamic_slice`` /
 ``dynamic_update_slice``; only strided or array indexers use gather/scatter.
 Out-of-range dynamic starts are clamped, as ``dynamic_slice`` does.
+
+A slice of dynamic size (``pl.ds(start, n)`` with a traced ``n``, as DMAs of
+``pl.BoundedSlice`` pipelines make) views its whole dimension rotated so the
+window starts at index 0: rows ``[0, n)`` of the view are the window, and a
+write changes only the window's rows of the buffer.
 """
 
 from __future__ import annotations
@@ -156,8 +161,80 @@ def _index_args(starts):
           else np.int32(_static_int(s)) for s in starts]
 
 
+def _is_dynamic_size(idx) -> bool:
+  return isinstance(idx, _jax.Slice) and _static_int(idx.size) is None
+
+
+def _split_dynamic_sizes(indexer):
+  """(rolls, indexer'): dynamic-size slices become whole-dimension slices.
+
+  ``rolls`` holds ``(dim, start, size)`` per dynamic-size slice; the caller
+  rotates ``dim`` by ``-start`` before applying ``indexer'``.
+  """
+  rolls, indices = [], []
+  for dim, (idx, extent) in enumerate(zip(indexer.indices, indexer.shape,
+                                          strict=True)):
+    if _is_dynamic_size(idx):
+      if idx.stride != 1:
+        raise NotImplementedError(
+            "fast_interpret: unsupported feature: a strided slice of dynamic "
+            "size")
+      rolls.append((dim, idx.start, idx.size))
+      idx = _jax.Slice(0, extent, 1)
+    indices.append(idx)
+  return rolls, dataclasses.replace(indexer, indices=tuple(indices))
+
+
+def _roll_windows(x: Array, rolls, sign: int) -> Array:
+  for dim, start, _ in rolls:
+    x = jnp.roll(x, sign * jnp.asarray(start, jnp.int32), axis=dim)
+  return x
+
+
+def _dynamic_size_read(x: Array, indexer, report) -> Array:
+  _bounds(x.shape, indexer, report)
+  rolls, rest = _split_dynamic_sizes(indexer)
+  return _index_read(_roll_windows(x, rolls, -1), rest)
+
+
+def _dynamic_size_write(x: Array, indexer, new_view: Array) -> Array:
+  rolls, rest = _split_dynamic_sizes(indexer)
+  rotated = _index_write(_roll_windows(x, rolls, -1), rest, new_view)
+  candidate = _roll_windows(rotated, rolls, 1)
+  keep = jnp.ones(x.shape, bool)
+  for dim, start, size in rolls:
+    offset = lax.broadcasted_iota(jnp.int32, x.shape, dim) - start
+    keep &= jnp.remainder(offset, x.shape[dim]) < size
+  return jnp.where(keep, candidate, x)
+
+
+def has_dynamic_size(transforms) -> bool:
+  """Whether a chain of transforms slices some dimension by a traced size."""
+  return any(isinstance(t, _jax.NDIndexer)
+             and any(_is_dynamic_size(i) for i in t.indices)
+             for t in transforms)
+
+
+def dynamic_size_fraction(transforms):
+  """(numerator, denominator): the share of a view's elements in its windows.
+
+  A dynamic-size view holds whole dimensions (see the module docstring); the
+  copy it names moves ``size / extent`` of them along each such dimension.
+  """
+  num, den = 1, 1
+  for t in transforms:
+    if isinstance(t, _jax.NDIndexer):
+      rolls, _ = _split_dynamic_sizes(t)
+      for dim, _, size in rolls:
+        num = num * jnp.asarray(size, jnp.int32)
+        den *= t.shape[dim]
+  return num, den
+
+
 def _forward(x: Array, transform, report=None) -> Array:
   if isinstance(transform, _jax.NDIndexer):
+    if any(_is_dynamic_size(i) for i in transform.indices):
+      return _dynamic_size_read(x, transform, report)
     return _index_read(x, transform, report)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(x, transform.dtype)
@@ -172,6 +249,8 @@ def _forward(x: Array, transform, report=None) -> Array:
 
 def _backward(x: Array, transform, new_view: Array) -> Array:
   if isinstance(transform, _jax.NDIndexer):
+    if any(_is_dynamic_size(i) for i in transform.indices):
+      return _dynamic_size_write(x, transform, new_view)
     return _index_write(x, transform, new_view)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(new_view, x.dtype).reshape(x.shape)

@@ -316,12 +316,9 @@ def _no_rule_kernel(x_ref, o_ref):
   o_ref[...] = _no_rule_p.bind(x_ref)
 
 
-def _stochastic_round_kernel(o_ref):
-  # pltpu.stochastic_round has no rule yet.
-  bits = jnp.zeros(o_ref.shape, jnp.uint32)
-  o_ref[...] = pltpu.stochastic_round(
-      jnp.ones(o_ref.shape, jnp.float32), bits,
-      target_dtype=jnp.bfloat16).astype(o_ref.dtype)
+def _matmul_pop_kernel(o_ref):
+  # Explicit MXU accumulators are not modelled.
+  o_ref[...] = pltpu.matmul_pop(0, o_ref.shape, jnp.float32, 0)
 
 
 class UnsupportedPrimitiveTest(chex.TestCase):
@@ -330,8 +327,8 @@ class UnsupportedPrimitiveTest(chex.TestCase):
       ("custom_ref_primitive", "fast_interpret_test_no_rule",
        lambda x: pl.pallas_call(_no_rule_kernel, out_shape=_sds((32, 128)),
                                 interpret=FI())(x)),
-      ("pltpu_stochastic_round", "stochastic_round",
-       lambda x: pl.pallas_call(_stochastic_round_kernel,
+      ("pltpu_matmul_pop", "matmul_pop",
+       lambda x: pl.pallas_call(_matmul_pop_kernel,
                                 out_shape=_sds((8, 128)), interpret=FI())()),
   )
   def test_raises_at_trace_time_with_name(self, name, fn):

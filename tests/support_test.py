@@ -32,19 +32,17 @@ class SupportTableTest(absltest.TestCase):
 
   def test_a_primitive_marked_no_fails_at_trace_time_naming_itself(self):
     no = {r.name for r in support.rows() if r.fast == "no"}
-    self.assertIn("stochastic_round", no)
+    self.assertIn("matmul_pop", no)
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
 
     def kernel(o_ref):
-      o_ref[...] = pltpu.stochastic_round(
-          jnp.ones(o_ref.shape, jnp.float32), jnp.zeros(o_ref.shape, jnp.uint32),
-          target_dtype=jnp.bfloat16).astype(o_ref.dtype)
+      o_ref[...] = pltpu.matmul_pop(0, o_ref.shape, jnp.float32, 0)
 
     call = pl.pallas_call(kernel,
                           out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
                           interpret=fast_interpret.FastInterpretParams())
     with self.assertRaisesRegex(fast_interpret.UnsupportedPrimitiveError,
-                                "unsupported primitive: `stochastic_round`"):
+                                "unsupported primitive: `matmul_pop`"):
       jax.jit(call).lower()
 
 
