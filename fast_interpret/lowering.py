@@ -21,8 +21,10 @@ def _make_lowering(jax_rule):
   def rule(ctx, *in_nodes, interpret, **params):
     if isinstance(interpret, FastInterpretParams):
       from fast_interpret import grid  # pylint: disable=g-import-not-at-top
+      from fast_interpret import remote  # pylint: disable=g-import-not-at-top
       impl = functools.partial(grid.interpret_pallas_call,
-                               interpret_params=interpret, **params)
+                               interpret_params=interpret,
+                               device_mesh=remote.mesh_of(ctx), **params)
       return _jax.lower_fun(impl, multiple_results=True)(ctx, *in_nodes)
     return jax_rule(ctx, *in_nodes, interpret=interpret, **params)
   return rule
