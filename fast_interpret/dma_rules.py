@@ -154,15 +154,19 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   state = _add_to_semaphore(ctx, state, src_sem, _nbytes(value))
   state = interpreter.mask_inactive(ctx, before, state)
   sem_h, sem_t = _view(dst_sem)
-  for hit, (payload, view_t, sem_view_t) in remote.exchange(
-      ctx.mesh, valid, target, (value, dst_t, sem_t)):
-    _, buf = views.update(state.read(dst_h.buffer_id), view_t,
-                          lambda v, p=payload, h=hit: put(v, p, h))
-    state = state.write(dst_h.buffer_id, buf)
-    _, sems = views.update(state.read(sem_h.buffer_id), sem_view_t,
+
+  def receive(hit, sent, buffers):
+    payload, view_t, sem_view_t = sent
+    _, buf = views.update(buffers[0], view_t,
+                          lambda v: put(v, payload, hit))
+    _, sems = views.update(buffers[1], sem_view_t,
                            _add_where(_nbytes(value), hit))
-    state = state.write(sem_h.buffer_id, sems)
-  return state, []
+    return buf, sems
+
+  buf, sems = remote.exchange(
+      ctx.mesh, valid, target, (value, dst_t, sem_t),
+      (state.read(dst_h.buffer_id), state.read(sem_h.buffer_id)), receive)
+  return state.write(dst_h.buffer_id, buf).write(sem_h.buffer_id, sems), []
 
 
 @register_rule(_jax.dma_wait_p)
@@ -201,13 +205,15 @@ def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
   state = remote.check_target(ctx, state, target, valid, "semaphore signal")
   state = interpreter.mask_inactive(ctx, before, state)
   sem_h, sem_t = _view(handle)
-  inc = jnp.asarray(inc, jnp.int32)
-  for hit, (amount, view_t) in remote.exchange(ctx.mesh, valid, target,
-                                               (inc, sem_t)):
-    _, sems = views.update(state.read(sem_h.buffer_id), view_t,
-                           _add_where(amount, hit))
-    state = state.write(sem_h.buffer_id, sems)
-  return state, []
+
+  def receive(hit, sent, sems):
+    amount, view_t = sent
+    return views.update(sems, view_t, _add_where(amount, hit))[1]
+
+  sems = remote.exchange(ctx.mesh, valid, target,
+                         (jnp.asarray(inc, jnp.int32), sem_t),
+                         state.read(sem_h.buffer_id), receive)
+  return state.write(sem_h.buffer_id, sems), []
 
 
 @register_rule(_jax.get_barrier_semaphore_p)

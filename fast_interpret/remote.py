@@ -152,12 +152,15 @@ def valid_flag(ctx) -> jax.Array:
   return jnp.asarray(True if ctx.active is None else ctx.active, jnp.bool_)
 
 
-def exchange(mesh: DeviceMesh, valid, target, tree) -> list[tuple[Any, Any]]:
-  """What every device sent to this one: ``[(hit, tree of sender s)]``.
+def exchange(mesh: DeviceMesh, valid, target, tree, carry, apply):
+  """Applies what every device sent to this one, in sender order.
 
-  ``hit`` is a traced bool (sender ``s`` issued the op and targets this
-  device); the trees are the senders' values, one per logical id. Leaves that
-  are not traced are the same on every device and are not sent.
+  Returns ``carry`` after ``carry = apply(hit, sent, carry)`` for each sender
+  (a ``fori_loop`` over logical ids, so the program does not grow with the
+  mesh): ``sent`` is ``tree`` as that sender computed it, ``hit`` a traced
+  bool (the sender issued the op and targets this device). Leaves of
+  ``tree`` that are not traced are the same on every device and are not
+  sent.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   scalars, arrays = [], []
@@ -175,16 +178,18 @@ def exchange(mesh: DeviceMesh, valid, target, tree) -> list[tuple[Any, Any]]:
   all_meta = mesh.gather(meta)
   all_arrays = [mesh.gather(leaves[i]) for i in arrays]
   me = mesh.my_id()
-  received = []
-  for s in range(mesh.size):
+
+  def receive(s, carry):
     sent = list(leaves)
+    row = all_meta[s]
     for k, i in enumerate(scalars):
-      sent[i] = all_meta[s, 2 + k].astype(leaves[i].dtype)
+      sent[i] = row[2 + k].astype(leaves[i].dtype)
     for i, values in zip(arrays, all_arrays, strict=True):
       sent[i] = values[s]
-    hit = (all_meta[s, 0] != 0) & (all_meta[s, 1] == me)
-    received.append((hit, treedef.unflatten(sent)))
-  return received
+    hit = (row[0] != 0) & (row[1] == me)
+    return apply(hit, treedef.unflatten(sent), carry)
+
+  return lax.fori_loop(0, mesh.size, receive, carry)
 
 
 def first_error(mesh: DeviceMesh, word):
