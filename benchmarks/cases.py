@@ -34,6 +34,7 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from benchmarks import collective_kernels
 from benchmarks import kernels
 from benchmarks import sort_kernel
 
@@ -53,6 +54,10 @@ class Case:
     kernel: Callable[..., Any]
     force_mode: bool = False
     slow_modes: frozenset[str] = frozenset()
+    # Simulated CPU devices the case needs (the worker sets the count
+    # before JAX starts its backend). The kernel and reference run inside
+    # shard_map over a 1-D mesh of that many devices.
+    num_devices: int = 1
 
 
 def _normal(rng: np.random.Generator, shape, dtype=jnp.float32, scale=1.0):
@@ -364,6 +369,58 @@ def _dma_case(chunks=64, rows=32) -> Case:
     )
 
 
+# ----------------------------------------------------------- collectives ---
+
+def _on_ring(n: int, fn: Callable[..., Any], in_spec, out_spec):
+    """``fn`` inside shard_map over a ring of ``n`` devices named "x"."""
+    P = jax.sharding.PartitionSpec
+
+    def call(x):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("x",))
+        return jax.shard_map(fn, mesh=mesh, in_specs=P(*in_spec),
+                             out_specs=P(*out_spec), check_vma=False)(x)
+
+    return call
+
+
+def _all_gather_case(n: int, rows=64) -> Case:
+    shape = (n * rows, kernels.LANES)
+    kernel = lambda x, interpret=None: _on_ring(n, functools.partial(
+        collective_kernels.ring_all_gather, axis="x", n=n,
+        interpret=interpret), ("x",), ("x",))(x)
+    return Case(
+        name=f"all_gather_ring_{n}dev",
+        family="collective",
+        description=(f"ring all-gather of ({rows},128) f32 shards over {n} "
+                     "devices, remote DMAs (vs lax.all_gather)"),
+        make_args=lambda rng: (_normal(rng, shape),),
+        reference=_on_ring(n, lambda x: jax.lax.all_gather(x, "x"), ("x",),
+                           ("x",)),
+        kernel=kernel,
+        num_devices=n,
+    )
+
+
+def _reduce_scatter_case(n: int, rows=16) -> Case:
+    shape = (n, rows, n * kernels.LANES)
+    kernel = lambda x, interpret=None: _on_ring(n, functools.partial(
+        collective_kernels.ring_reduce_scatter, axis="x", n=n,
+        bidirectional=True, interpret=interpret),
+        (None, None, "x"), (None, "x"))(x)
+    return Case(
+        name=f"reduce_scatter_{n}dev",
+        family="collective",
+        description=(f"bidirectional reduce-scatter of ({n},{rows},128) f32 "
+                     f"over {n} devices, remote DMAs and signals "
+                     "(vs lax.psum_scatter)"),
+        make_args=lambda rng: (_normal(rng, shape),),
+        reference=_on_ring(n, lambda x: jax.lax.psum_scatter(x, "x"),
+                           (None, None, "x"), (None, "x")),
+        kernel=kernel,
+        num_devices=n,
+    )
+
+
 def _size_label(nbytes: int) -> str:
     for unit, size in (("MB", 2**20), ("KB", 2**10)):
         if nbytes >= size:
@@ -411,6 +468,10 @@ def all_cases() -> tuple[Case, ...]:
         _add_one_case(64, slow=("tpu_interpret",)),
         _add_one_case(512, slow=("tpu_interpret",)),
         _add_one_case(4096, slow=("interpret", "tpu_interpret")),
+        _all_gather_case(4),
+        _all_gather_case(8),
+        _reduce_scatter_case(4),
+        _reduce_scatter_case(8),
     )
 
 

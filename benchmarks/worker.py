@@ -148,13 +148,21 @@ def _optional(result: RunResult, field: str, compute: Callable[[], Any]) -> None
         result.warnings.append(f"{field}: {short_error(exc)}")
 
 
+def _set_device_count(case: cases_lib.Case) -> None:
+    """Simulates the CPU devices a multi-device case needs (before JAX starts)."""
+    if case.num_devices > 1:
+        jax.config.update("jax_num_cpu_devices", case.num_devices)
+
+
 def run(case_name: str, mode_name: str, timing: TimingConfig) -> RunResult:
     """Measures ``case_name`` under ``mode_name``; failures are recorded."""
     result = RunResult(case=case_name, mode=mode_name, status="ok")
     start = time.perf_counter()
     try:
-        _measure(result, cases_lib.get_case(case_name),
-                 modes_lib.MODES[mode_name], timing)
+        case = cases_lib.get_case(case_name)
+        with _phase("setup"):
+            _set_device_count(case)
+        _measure(result, case, modes_lib.MODES[mode_name], timing)
     except PhaseError as exc:
         result.status, result.phase = "error", exc.phase
         result.error = short_error(exc.cause)

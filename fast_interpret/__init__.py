@@ -14,7 +14,8 @@ Modules:
   state          KernelState (simulated memory) and RefHandle.
   views          reads/writes through ref transforms.
   memory_rules   loads and stores.
-  dma_rules      DMAs and semaphores.
+  dma_rules      DMAs and semaphores, local and remote.
+  remote         multi-device kernels: the mesh and the lockstep exchange.
   control_rules  cond, while, scan, jit, run_scoped.
   program_rules  program ids and grid sizes.
   checks         runtime checks and how their errors surface.

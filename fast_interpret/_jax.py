@@ -18,6 +18,7 @@ from jax._src import debugging
 from jax._src import dtypes
 from jax._src import effects
 from jax._src import pjit
+from jax._src import sharding_impls
 from jax._src.random import prng
 from jax._src import source_info_util
 from jax._src import tree_util
@@ -27,6 +28,7 @@ from jax._src.lax.control_flow import loops as lax_loops
 from jax._src.pallas import core as pallas_core
 from jax._src.pallas import pallas_call as pallas_call_module
 from jax._src.pallas import primitives as pallas_primitives
+from jax._src.pallas import utils as pallas_utils
 from jax._src.pallas.mosaic import core as tpu_core
 from jax._src.pallas.mosaic import primitives as tpu_primitives
 from jax._src.pallas.mosaic import tpu_info
@@ -236,3 +238,34 @@ def interpret_effects_hook():
 
 
 no_effects = effects.no_effects
+
+
+# Multi-device kernels (remote DMAs and signals; see remote.py).
+DeviceIdType = pallas_primitives.DeviceIdType
+MeshInfo = pallas_utils.MeshInfo
+device_id_to_logical = pallas_primitives.device_id_to_logical
+
+
+def spmd_mesh_axes(lowering_ctx) -> tuple[tuple[tuple[str, int], ...],
+                                          frozenset] | None:
+  """((axis name, size) in mesh order, manual axes) of a lowering, or None.
+
+  Set inside ``jax.shard_map``, whose body is lowered with an SPMD axis
+  context naming the mesh and the axes it has made manual.
+  """
+  axis_ctx = lowering_ctx.module_context.axis_context
+  if not isinstance(axis_ctx, sharding_impls.SPMDAxisContext):
+    return None
+  mesh = axis_ctx.mesh
+  return (tuple((name, int(mesh.shape[name])) for name in mesh.axis_names),
+          frozenset(axis_ctx.manual_axes))
+
+
+def bound_axis_names() -> frozenset:
+  """Axis names bound while tracing (e.g. by an enclosing shard_map)."""
+  return frozenset(core.get_axis_env().axis_sizes)
+
+
+def jaxprs_in_params(params):
+  """The jaxprs nested in an equation's parameters."""
+  return core.jaxprs_in_params(params)

@@ -52,11 +52,12 @@ class Sites:
     self.templates.append(template)
     return len(self.templates) - 1
 
-  def message(self, word: np.ndarray) -> str:
+  def message(self, word: np.ndarray, device: int | None = None) -> str:
     site, step = int(word[0]) - 1, int(word[1])
     values = [int(v) for v in word[2:]]
+    where = "" if device is None else f", device {device}"
     return (f"fast_interpret: {self.templates[site].format(*values)} "
-            f"(kernel {self.kernel_name!r}, grid step {step})")
+            f"(kernel {self.kernel_name!r}, grid step {step}{where})")
 
 
 def initial_word() -> jax.Array:
@@ -140,20 +141,27 @@ def _is_static(v) -> bool:
       isinstance(v, np.ndarray) and v.shape == ())
 
 
-def raise_if_failed(word, sites: Sites) -> None:
-  """Emits the one host callback that raises a recorded error."""
+def raise_if_failed(word, sites: Sites, device=None, reporter=True) -> None:
+  """Emits the one host callback that raises a recorded error.
+
+  In a multi-device kernel, ``word`` and ``device`` are those of the first
+  device that failed (see ``remote.first_error``) and only the ``reporter``
+  device raises, so that one error comes back, naming that device.
+  """
   if not sites.templates:
     return
 
-  def check(word):
+  def check(word, *device):
     word = np.asarray(word)
     if word[0] != 0:
-      raise KernelCheckError(sites.message(word))
+      raise KernelCheckError(sites.message(
+          word, int(device[0]) if device else None))
 
+  args = (word,) if device is None else (word, device)
   # The host is called only when an error was recorded: a host callback
   # costs about 2 ms per call on CPU, far more than the checks themselves.
-  lax.cond(word[0] != 0, lambda w: io_callback(check, None, w),
-           lambda w: None, word)
+  lax.cond((word[0] != 0) & reporter,
+           lambda *a: io_callback(check, None, *a), lambda *a: None, *args)
 
 
 def bounds_report(ctx) -> list | None:

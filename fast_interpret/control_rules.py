@@ -3,6 +3,19 @@
 Each is re-emitted as the same ``lax`` construct. Its carry holds the loop's
 own values plus only the buffers the body can write (found from the body's
 ref effects); every other buffer is read from the enclosing scope.
+
+Control flow around remote ops (multi-device kernels, see remote.py) must not
+put a collective under a device-varying condition, or the devices would
+wait for each other forever. So a conditional whose branches hold remote ops
+is *predicated*: every device evaluates every branch in order, with
+``RuleContext.active`` saying whether it took it (writes of a branch not
+taken are dropped; what other devices send is still received). Its
+semaphore waits are checked at the end of the grid step, so that one
+device's branch may wait for a copy that another device's later branch
+starts (as in ``pl.when(me == 2)(...)`` followed by ``pl.when(me == 3)(...)``). A while loop with
+remote ops runs until no device wants another iteration; a device whose
+condition is false idles through the rest. Static loops (scan, fori) are
+the same on every device.
 """
 
 from __future__ import annotations
@@ -12,10 +25,14 @@ from typing import Any
 from jax import lax
 import jax.numpy as jnp
 
+import dataclasses
+
 from fast_interpret import _jax
 from fast_interpret import checks
+from fast_interpret import dma_rules
 from fast_interpret import errors
 from fast_interpret import interpreter
+from fast_interpret import remote
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
                                   storage_dtype, uninitialized)
@@ -41,11 +58,22 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
   return new_state, outs
 
 
-@register_rule(_jax.cond_p)
+def _and(active, pred):
+  return pred if active is None else active & pred
+
+
+@register_rule(_jax.cond_p, predicated=True)
 def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
                **_):
-  """``lax.cond``/``lax.switch``/``pl.when``: a ``lax.switch`` over branches."""
+  """``lax.cond``/``lax.switch``/``pl.when``: a ``lax.switch`` over branches.
+
+  Predicated (see the module docstring) when a branch holds remote ops.
+  Inside a predicated branch, a plain switch still works: its rules see
+  ``active`` and drop their writes where it is False.
+  """
   state = checks.flush(state)
+  if any(remote.has_remote_ops(b.jaxpr) for b in branches):
+    return _predicated_cond(ctx, state, index, ops, branches)
   carried = set().union(*(_written(state, b, ops) for b in branches))
 
   def make_branch(closed):
@@ -61,7 +89,24 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   return state.with_buffers(buffers), outs
 
 
-@register_rule(_jax.while_p)
+def _predicated_cond(ctx: RuleContext, state: KernelState, index, ops,
+                     branches):
+  """Every branch runs on every device; ``active`` says which one it took."""
+  index = jnp.asarray(index, jnp.int32)
+  every = set(state.buffers)
+  branch_outs = []
+  for k, closed in enumerate(branches):
+    sub = dataclasses.replace(ctx, active=_and(ctx.active, index == k),
+                              defer_waits=ctx.pending_waits is not None)
+    state, outs = _run(sub, state, closed, ops, every, "a cond branch")
+    branch_outs.append(outs)
+  if len(branches) == 1:
+    return state, branch_outs[0]
+  return state, [lax.select_n(index, *vals)
+                 for vals in zip(*branch_outs, strict=True)]
+
+
+@register_rule(_jax.while_p, predicated=True)
 def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
                 body_jaxpr, cond_nconsts, body_nconsts):
   """``lax.while_loop`` / ``lax.fori_loop`` with dynamic bounds."""
@@ -71,6 +116,12 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
   state = checks.flush(state)
   carried = (_written(state, body_jaxpr, [*body_consts, *init])
              | _written(state, cond_jaxpr, [*cond_consts, *init]))
+  collective = (remote.has_remote_ops(body_jaxpr.jaxpr)
+                or remote.has_remote_ops(cond_jaxpr.jaxpr))
+  if collective or ctx.active is not None:
+    # A device not running this loop must not spin on values it never set.
+    return _lockstep_while(ctx, state, cond_consts, body_consts, init,
+                           cond_jaxpr, body_jaxpr, carried, collective)
 
   def cond_fn(carry):
     buffers, vals = carry
@@ -89,7 +140,46 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
   return state.with_buffers(buffers), outs
 
 
-@register_rule(_jax.scan_p)
+def _lockstep_while(ctx, state, cond_consts, body_consts, init, cond_jaxpr,
+                    body_jaxpr, carried, collective: bool):
+  """A predicated while loop: ``active`` is its own condition on each device.
+
+  With ``collective`` (remote ops inside) it iterates while the condition
+  holds on any device: a device whose own condition is false takes part in
+  the rest of the iterations' exchanges with ``active`` False.
+  """
+  mesh = (ctx.mesh if collective and ctx.mesh is not None
+          else remote.DeviceMesh((), ()))
+
+  def local_pred(buffers, vals, active):
+    sub = dataclasses.replace(ctx, active=active)
+    _, (pred,) = _run(sub, state.with_buffers(buffers), cond_jaxpr,
+                      [*cond_consts, *vals], carried, "a while condition")
+    return _and(active, jnp.asarray(pred, jnp.bool_))
+
+  def cond_fn(carry):
+    _, _, pred = carry
+    return mesh.any(pred)
+
+  def body_fn(carry):
+    buffers, vals, pred = carry
+    sub = dataclasses.replace(ctx, active=pred)
+    st, outs = _run(sub, state.with_buffers(buffers), body_jaxpr,
+                    [*body_consts, *vals], carried, "a while body")
+    outs = [jnp.where(pred, o, v).astype(jnp.result_type(o))
+            for o, v in zip(outs, vals, strict=True)]
+    buffers = st.subset(carried)
+    return buffers, outs, local_pred(buffers, outs, pred)
+
+  buffers = state.subset(carried)
+  init = list(init)
+  buffers, outs, _ = lax.while_loop(
+      cond_fn, body_fn, (buffers, init, local_pred(buffers, init,
+                                                   ctx.active)))
+  return state.with_buffers(buffers), outs
+
+
+@register_rule(_jax.scan_p, predicated=True)
 def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
                num_consts, num_carry, length, reverse, unroll, **_):
   """``lax.scan`` / ``lax.fori_loop`` / ``pl.loop`` with static bounds."""
@@ -112,13 +202,13 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   return state.with_buffers(buffers), [*carry, *ys]
 
 
-@register_rule(_jax.jit_p)
+@register_rule(_jax.jit_p, predicated=True)
 def _jit_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr, **_):
   """A nested ``jax.jit``: inlined into the kernel."""
   return interpreter.eval_jaxpr(ctx, state, jaxpr.jaxpr, jaxpr.consts, invals)
 
 
-@register_rule(_jax.run_scoped_p)
+@register_rule(_jax.run_scoped_p, predicated=True)
 def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
                      collective_axes=(), **_):
   """``pl.run_scoped``: fresh buffers that live only for the body.
@@ -146,6 +236,7 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
     state = state.add(bid, value)
     handles.append(RefHandle(bid, space, f"run_scoped[{k}]"))
   state, outs = interpreter.eval_jaxpr(ctx, state, jaxpr, invals, handles)
+  state = dma_rules.check_pending_waits(ctx, state, set(fresh))
   return state.drop(fresh), outs
 
 

@@ -1,10 +1,16 @@
-"""Rules for local DMAs and semaphores.
+"""Rules for DMAs and semaphores, local and remote.
 
 A DMA is a functional copy between two buffers, done when it is started
 (eager: a valid TPU schedule). Its destination semaphore is then incremented
 by the number of bytes copied, as the TPU's DMA engine does; ``.wait()``
 decrements it by the byte size of the copy it names. REGULAR semaphores are
 integer counters changed by ``pl.semaphore_signal`` / ``semaphore_wait``.
+
+A remote DMA (``make_async_remote_copy``) or signal (``device_id=...``) is an
+exchange between all devices of the mesh at the same program point (see
+remote.py): the payload lands in the receiver's destination, whose receive
+semaphore gets the bytes; the sender's send semaphore gets them too. Waits
+are always local.
 
 Fidelity lost: DMA latency and overlap with compute; reads of a destination
 before its wait already see the new data.
@@ -21,9 +27,13 @@ import numpy as np
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
+from fast_interpret import interpreter
+from fast_interpret import remote
 from fast_interpret import views
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import KernelState, RefHandle
+
+BARRIER_ID = -3  # The kernel's barrier semaphore (a special buffer).
 
 
 def _split_ref(ref) -> tuple[RefHandle | None, tuple]:
@@ -62,19 +72,29 @@ def _fit(value, shape):
   return lax.slice(value, [0] * len(shape), shape)
 
 
+def _add_where(amount, hit):
+  """A semaphore update: adds ``amount`` only where ``hit`` holds."""
+  return lambda v: (None, v + jnp.where(hit, jnp.asarray(amount, jnp.int32),
+                                        jnp.int32(0)))
+
+
 def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
                       what: str = "") -> KernelState:
   """Adds ``amount`` to a semaphore; with checks, a negative count is an error.
 
   A count below zero means a wait asked for more than was (or ever will be,
-  in this eager model) signalled: on a TPU that wait would hang.
+  in this eager model) signalled: on a TPU that wait would hang. Inside a
+  predicated conditional (remote ops in a branch) the check is deferred to
+  the end of the grid step (see ``check_pending_waits``).
   """
   handle, transforms = _view(sem)
   new, buf = views.update(
       state.read(handle.buffer_id), transforms,
       lambda v: (v + jnp.asarray(amount, jnp.int32),) * 2)
   state = state.write(handle.buffer_id, buf)
-  if ctx.check_semaphores and what:
+  if ctx.check_semaphores and what and ctx.defer_waits:
+    ctx.pending_waits.append((handle.buffer_id, handle.name, what))
+  elif ctx.check_semaphores and what:
     state = checks.record(
         state, ctx.sites, ctx.grid_step, jnp.any(new < 0),
         f"semaphore: {what} on {handle.name} waits for more than was "
@@ -83,22 +103,41 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
   return state
 
 
-def _require_local(ctx: RuleContext, device_id, what: str) -> None:
-  if device_id is not None:
-    raise errors.UnsupportedFeatureError(
-        f"a remote {what} (device_id={device_id!r})", ctx.kernel_name,
-        "Remote DMAs and signals across devices are not modelled yet; use "
-        "interpret=pltpu.InterpretParams() for this kernel.")
+def check_pending_waits(ctx: RuleContext, state: KernelState, buffer_ids=None
+                        ) -> KernelState:
+  """Checks deferred waits (of ``buffer_ids``, or all) and forgets them.
+
+  A semaphore that such a wait took below zero, and that no device's branch
+  has refilled by now, is waited on for more than is ever signalled.
+  """
+  pending = ctx.pending_waits or []
+  done = [w for w in pending if buffer_ids is None or w[0] in buffer_ids]
+  pending[:] = [w for w in pending if w not in done]
+  seen = set()
+  for bid, name, what in done:
+    if bid in seen:
+      continue
+    seen.add(bid)
+    value = state.read(bid)
+    state = checks.record(
+        state, ctx.sites, ctx.grid_step, jnp.any(value < 0),
+        f"semaphore: {what} on {name} (in a branch with remote ops) waits for "
+        "more than was signalled by the end of the grid step (count {0}); "
+        "on a TPU this wait never returns", [jnp.min(value)])
+  return state
 
 
-@register_rule(_jax.dma_start_p)
+@register_rule(_jax.dma_start_p, predicated=True)
 def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                     device_id_type, priority=0, add=False):
-  """``copy.start()``: copies now and signals the destination semaphore."""
-  del device_id_type, priority
+  """``copy.start()``: copies now and signals the destination semaphore.
+
+  A remote copy is delivered to the target device at the same program point;
+  its send semaphore is signalled on this device.
+  """
+  del priority
   src, dst, dst_sem, src_sem, device_id = _jax.tree_unflatten(tree, flat)
-  _require_local(ctx, device_id, "DMA")
-  del src_sem  # Only remote copies have a send semaphore.
+  before = state
   src_h, src_t = _view(src)
   dst_h, dst_t = _view(dst)
   src_report, dst_report = checks.bounds_report(ctx), checks.bounds_report(ctx)
@@ -109,8 +148,7 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   nbytes = _nbytes(value, src_t)
   dynamic = views.has_dynamic_size(src_t) or views.has_dynamic_size(dst_t)
 
-  def put(view):
-    nonlocal value
+  def put(view, value=value, hit=True):
     if dynamic and view.ndim == value.ndim:
       value = _fit(value, view.shape)
     if view.shape != value.shape:
@@ -119,43 +157,95 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
           f"{view.shape} of a different shape", ctx.kernel_name,
           "Source and destination views of a DMA must have the same shape.")
     new = view + value.astype(view.dtype) if add else value.astype(view.dtype)
-    return None, new
+    return None, new if hit is True else jnp.where(hit, new, view)
 
+  # A remote copy's destination indices are checked on the sender, against
+  # its own copy of the buffer (every device has the same shapes).
   _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
   state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
                                "DMA destination")
-  state = state.write(dst_h.buffer_id, buf)
-  return _add_to_semaphore(ctx, state, dst_sem, nbytes), []
+  if device_id is None:
+    state = state.write(dst_h.buffer_id, buf)
+    state = _add_to_semaphore(ctx, state, dst_sem, nbytes)
+    return interpreter.mask_inactive(ctx, before, state), []
+
+  target = remote.logical_id(ctx, device_id, device_id_type, "DMA")
+  valid = remote.valid_flag(ctx)
+  state = remote.check_target(ctx, state, target, valid, "DMA")
+  state = _add_to_semaphore(ctx, state, src_sem, nbytes)
+  state = interpreter.mask_inactive(ctx, before, state)
+  sem_h, sem_t = _view(dst_sem)
+
+  def receive(hit, sent, buffers):
+    payload, view_t, sem_view_t = sent
+    _, buf = views.update(buffers[0], view_t,
+                          lambda v: put(v, payload, hit))
+    _, sems = views.update(buffers[1], sem_view_t, _add_where(nbytes, hit))
+    return buf, sems
+
+  buf, sems = remote.exchange(
+      ctx.mesh, valid, target, (value, dst_t, sem_t),
+      (state.read(dst_h.buffer_id), state.read(sem_h.buffer_id)), receive)
+  return state.write(dst_h.buffer_id, buf).write(sem_h.buffer_id, sems), []
 
 
 @register_rule(_jax.dma_wait_p)
 def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                    device_id_type, **_):
-  """``copy.wait()``: takes the copy's byte count off its semaphore."""
+  """``copy.wait()``: takes the copy's byte count off its semaphore.
+
+  Waits are local for remote copies too: ``wait_recv`` on the receive
+  semaphore, ``wait_send`` (src and dst swapped) on the send semaphore.
+  """
   del device_id_type
-  src, _, dst_sem, _, device_id = _jax.tree_unflatten(tree, flat)
-  _require_local(ctx, device_id, "DMA wait")
+  src, _, dst_sem, _, _ = _jax.tree_unflatten(tree, flat)
   src_h, src_t = _view(src)
   shape = views.read(state.read(src_h.buffer_id), src_t)
   return _add_to_semaphore(ctx, state, dst_sem, -_nbytes(shape, src_t),
                            "a DMA wait"), []
 
 
-@register_rule(_jax.semaphore_signal_p)
+@register_rule(_jax.semaphore_signal_p, predicated=True)
 def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
                            args_tree, device_id_type=None, **_):
-  """``pl.semaphore_signal``: adds ``inc`` to a local semaphore."""
-  del device_id_type
+  """``pl.semaphore_signal``: adds ``inc`` to a local or remote semaphore."""
   sem, sem_transforms, inc, device_id, core_index = _jax.tree_unflatten(
       args_tree, flat)
-  _require_local(ctx, device_id, "semaphore signal")
   if core_index is not None:
     raise errors.UnsupportedFeatureError(
         "semaphore_signal with core_index", ctx.kernel_name)
   handle = sem.with_transforms(sem_transforms)
-  return _add_to_semaphore(ctx, state, handle, inc), []
+  before = state
+  if device_id is None:
+    state = _add_to_semaphore(ctx, state, handle, inc)
+    return interpreter.mask_inactive(ctx, before, state), []
+  target = remote.logical_id(ctx, device_id, device_id_type,
+                             "semaphore signal")
+  valid = remote.valid_flag(ctx)
+  state = remote.check_target(ctx, state, target, valid, "semaphore signal")
+  state = interpreter.mask_inactive(ctx, before, state)
+  sem_h, sem_t = _view(handle)
+
+  def receive(hit, sent, sems):
+    amount, view_t = sent
+    return views.update(sems, view_t, _add_where(amount, hit))[1]
+
+  sems = remote.exchange(ctx.mesh, valid, target,
+                         (jnp.asarray(inc, jnp.int32), sem_t),
+                         state.read(sem_h.buffer_id), receive)
+  return state.write(sem_h.buffer_id, sems), []
 
 
+@register_rule(_jax.get_barrier_semaphore_p)
+def _get_barrier_semaphore_rule(ctx: RuleContext, state: KernelState):
+  """``pltpu.get_barrier_semaphore()``: the kernel's barrier semaphore.
+
+  One counter per kernel call, zero at entry, that remote signals can reach
+  on other devices. Fidelity lost: TPUs share a barrier semaphore between
+  kernels with the same ``collective_id``; each call here has its own.
+  """
+  del ctx
+  return state, RefHandle(BARRIER_ID, "semaphore", "barrier_semaphore")
 @register_rule(_jax.semaphore_wait_p)
 def _semaphore_wait_rule(ctx: RuleContext, state: KernelState, *flat,
                          args_tree, **_):

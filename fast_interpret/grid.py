@@ -36,6 +36,7 @@ from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import interpreter
+from fast_interpret import remote
 from fast_interpret import schedule
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   scoped_memory_space, storage_dtype,
@@ -44,7 +45,7 @@ from fast_interpret.state import (BufferIds, KernelState, RefHandle,
 # Register every rule module.
 from fast_interpret import control_rules  # pylint: disable=unused-import
 from fast_interpret import debug_rules  # pylint: disable=unused-import
-from fast_interpret import dma_rules  # pylint: disable=unused-import
+from fast_interpret import dma_rules
 from fast_interpret import memory_rules  # pylint: disable=unused-import
 from fast_interpret import program_rules  # pylint: disable=unused-import
 from fast_interpret import tpu_rules
@@ -197,9 +198,14 @@ def interpret_pallas_call(
     compiler_params=None,
     name: str | None = None,
     debug: bool = False,
+    device_mesh=None,
     **unused_params,
 ):
-  """Simulates one pallas_call; returns its outputs. Traceable, no callbacks."""
+  """Simulates one pallas_call; returns its outputs. Traceable, no callbacks.
+
+  ``device_mesh`` (a remote.DeviceMesh) names the devices of the enclosing
+  shard_map, which remote DMAs and signals address.
+  """
   del unused_params
   gm = grid_mapping
   kernel_name = name or (jaxpr.debug_info.func_name if jaxpr.debug_info
@@ -311,12 +317,25 @@ def interpret_pallas_call(
   if _jax.uses_primitives(jaxpr, {_jax.prng_seed_p, _jax.prng_random_bits_p,
                                   _jax.random_bits_p}):
     buffers[tpu_rules.PRNG_ID] = tpu_rules.initial_prng_state()
+  if _jax.uses_primitives(jaxpr, {_jax.get_barrier_semaphore_p}):
+    _check_collective_id(compiler_params, kernel_name)
+    buffers[dma_rules.BARRIER_ID] = jnp.zeros((), jnp.int32)
+    checked_handles = [*scratch_handles, RefHandle(
+        dma_rules.BARRIER_ID, "semaphore", "barrier_semaphore")]
+  else:
+    checked_handles = scratch_handles
+  if remote.has_remote_ops(jaxpr) and n_dyn:
+    raise errors.UnsupportedFeatureError(
+        "remote DMAs or signals with a dynamic grid", kernel_name,
+        "Every device must run the same number of grid steps; use a static "
+        "grid.")
   visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
   ctx = interpreter.RuleContext(
       params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
-      check_bounds=check_bounds, check_semaphores=check_semaphores)
+      check_bounds=check_bounds, check_semaphores=check_semaphores,
+      mesh=device_mesh)
   num_steps = math.prod(grid) if grid else 1
   per_core = _steps_per_core(grid, num_steps, compiler_params,
                              interpret_params.num_cores_or_threads,
@@ -345,7 +364,8 @@ def interpret_pallas_call(
         state = state.add(op.block_id,
                           _read_block(state.read(op.hbm_id), op, st))
     step_ctx = dataclasses.replace(
-        ctx_here, program_ids=tuple(row.coords[d] for d in visible))
+        ctx_here, program_ids=tuple(row.coords[d] for d in visible),
+        pending_waits=[])
     before = state
     n_scalar = len(scalar_handles)
     step_args = list(kernel_args)
@@ -353,6 +373,7 @@ def interpret_pallas_call(
                                       strict=True)):
       step_args[n_scalar + k] = windowed(op, kernel_args[n_scalar + k], idx)
     state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (), step_args)
+    state = dma_rules.check_pending_waits(step_ctx, state)
     interpreter.check_carried(before, state, carried | input_block_ids,
                               f"kernel {kernel_name}")
     # As on TPU, an output block goes back to HBM when the next step maps it
@@ -365,7 +386,7 @@ def interpret_pallas_call(
           state.read(op.hbm_id), op, starts[k], state.read(op.block_id),
           write))
     if check_semaphores:
-      state = _check_semaphores_released(ctx_here, state, scratch_handles,
+      state = _check_semaphores_released(ctx_here, state, checked_handles,
                                          is_last)
     return checks.flush(state).subset(carried)
 
@@ -384,7 +405,14 @@ def interpret_pallas_call(
                        | set(plan.buffers)
                        | ({checks.ERROR_ID} & carry.keys()))
   if checks.ERROR_ID in carry:
-    checks.raise_if_failed(carry[checks.ERROR_ID], sites)
+    # Only a kernel that already communicates may add a collective: the
+    # call itself could sit under a device-varying condition otherwise.
+    if remote.has_remote_ops(jaxpr) and device_mesh.size > 1:
+      word, device, reporter = remote.first_error(device_mesh,
+                                                  carry[checks.ERROR_ID])
+      checks.raise_if_failed(word, sites, device, reporter)
+    else:
+      checks.raise_if_failed(carry[checks.ERROR_ID], sites)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
 
 
@@ -414,6 +442,15 @@ def _last_of_core(num_steps, per_core: int | None):
   if per_core is not None:
     last |= steps % per_core == per_core - 1
   return last
+
+
+def _check_collective_id(compiler_params, kernel_name: str) -> None:
+  """A TPU kernel that uses its barrier semaphore must name a collective_id."""
+  if getattr(compiler_params, "collective_id", None) is None:
+    raise errors.UnsupportedFeatureError(
+        "pltpu.get_barrier_semaphore() without a collective_id", kernel_name,
+        "Mosaic needs one to pick the barrier semaphore: pass "
+        "compiler_params=pltpu.CompilerParams(collective_id=0).")
 
 
 def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,

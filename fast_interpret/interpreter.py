@@ -11,6 +11,13 @@ A rule simulates one primitive on the kernel state::
 arrays elsewhere. Primitives without a rule that are pure (no ref operand, no
 effect, not a Pallas primitive) fall through to ``bind``. Anything else fails
 while tracing with an ``UnsupportedPrimitiveError`` that names the primitive.
+
+Predication: inside a branch that holds remote ops (see control_rules), every
+device evaluates every branch, with ``RuleContext.active`` telling whether it
+took this one. The evaluator then keeps a rule's writes only where ``active``
+holds, unless the rule was registered with ``predicated=True`` (control flow,
+which passes ``active`` down, and rules with remote effects, which must
+deliver what another device sent whatever branch this one is in).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jax import lax
+import jax.numpy as jnp
+
 from fast_interpret import _jax
 from fast_interpret import errors
 from fast_interpret import fences
@@ -28,12 +38,21 @@ from fast_interpret.state import (BufferIds, KernelState, RefHandle,
 
 Rule = Callable[..., tuple[KernelState, Any]]
 _RULES: dict[_jax.Primitive, Rule] = {}
+_PREDICATED: set[_jax.Primitive] = set()
 
 
-def register_rule(prim: _jax.Primitive):
-  """Decorator: registers ``rule`` as the simulation of ``prim``."""
+def register_rule(prim: _jax.Primitive, *, predicated: bool = False):
+  """Decorator: registers ``rule`` as the simulation of ``prim``.
+
+  Args:
+    prim: the primitive.
+    predicated: the rule honours ``RuleContext.active`` itself; otherwise
+      the evaluator masks its writes (see the module docstring).
+  """
   def decorator(rule: Rule) -> Rule:
     _RULES[prim] = rule
+    if predicated:
+      _PREDICATED.add(prim)
     return rule
   return decorator
 
@@ -61,6 +80,15 @@ class RuleContext:
     grid_step: the flat index of the current grid step, for error reports.
     check_bounds: whether ref, DMA and block indices are bounds-checked.
     check_semaphores: whether semaphore counts are checked.
+    mesh: the devices of the enclosing shard_map (remote.DeviceMesh), or None.
+    active: None, or a traced bool: whether this device runs the code being
+      simulated (False in a branch it did not take; see predication above).
+    pending_waits: semaphore waits whose check is deferred to the end of
+      the grid step, as ``(buffer id, name, what)`` (a list per traced step,
+      or None).
+    defer_waits: whether waits are deferred here: inside a predicated
+      conditional, where one device may wait for what another device's
+      later branch sends (control_rules).
   """
 
   params: Any
@@ -75,6 +103,10 @@ class RuleContext:
   grid_step: Any = 0
   check_bounds: bool = False
   check_semaphores: bool = False
+  mesh: Any = None
+  active: Any = None
+  pending_waits: list | None = None
+  defer_waits: bool = False
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -117,8 +149,11 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     with _jax.user_context(eqn.source_info.traceback,
                            name_stack=eqn.source_info.name_stack):
       if rule is not None:
+        before = state
         state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
                               *invals, **eqn.params)
+        if eqn.primitive not in _PREDICATED:
+          state = mask_inactive(ctx, before, state)
       elif _is_pure(eqn):
         outvals = bind_pure(eqn, invals)
       else:
@@ -128,6 +163,24 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
   return state, [read(v) for v in jaxpr.outvars]
+
+
+def mask_inactive(ctx: RuleContext, before: KernelState, after: KernelState
+                  ) -> KernelState:
+  """``after`` where ``ctx.active`` holds, else ``before`` (changed buffers)."""
+  if ctx.active is None:
+    return after
+  kept = {}
+  for bid, new in after.buffers.items():
+    old = before.buffers.get(bid)
+    if old is None or old is new:
+      continue
+    kept[bid] = lax.select(jnp.broadcast_to(ctx.active, new.shape), new, old)
+  # Check records the rule added fail only where it ran.
+  n = len(before.pending)
+  pending = after.pending[:n] + tuple(
+      (failed & ctx.active, word) for failed, word in after.pending[n:])
+  return dataclasses.replace(after.with_buffers(kept), pending=pending)
 
 
 def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:

@@ -23,21 +23,26 @@ _installed = False
 SIMULATED_CHIP = "v5e"
 
 
-def simulation(interpret: FastInterpretParams, params):
-  """The traceable simulation of a pallas_call with these parameters."""
+def simulation(interpret: FastInterpretParams, params, device_mesh=None):
+  """The traceable simulation of a pallas_call with these parameters.
+
+  ``device_mesh`` is the mesh of the enclosing ``shard_map`` (remote.py), if
+  any.
+  """
   from fast_interpret import grid  # pylint: disable=g-import-not-at-top
 
   def impl(*args):
     args = [_jax.in_device_memory(a) for a in args]
     return grid.interpret_pallas_call(*args, interpret_params=interpret,
-                                      **params)
+                                      device_mesh=device_mesh, **params)
   return impl
 
 
 def _make_lowering(jax_rule):
   def rule(ctx, *in_nodes, interpret, **params):
     if isinstance(interpret, FastInterpretParams):
-      impl = simulation(interpret, params)
+      from fast_interpret import remote  # pylint: disable=g-import-not-at-top
+      impl = simulation(interpret, params, remote.mesh_of(ctx))
       return _jax.lower_fun(impl, multiple_results=True)(ctx, *in_nodes)
     return jax_rule(ctx, *in_nodes, interpret=interpret, **params)
   return rule

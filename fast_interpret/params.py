@@ -36,10 +36,12 @@ class FastInterpretParams(_jax.InterpretParams):
   when the next step maps it elsewhere or the grid ends, and an output VMEM
   buffer keeps its contents between steps exactly as on TPU), padding of blocks that do not divide the
   array, scalar prefetch, scratch that persists across grid steps, DMAs
-  between any memory spaces and DMA/REGULAR semaphore counts.
+  between any memory spaces and DMA/REGULAR semaphore counts, and, inside
+  ``jax.shard_map``, remote DMAs, remote signals and barrier semaphores
+  between devices that run in lockstep.
 
   What is not modelled: race detection, real DMA latency and overlap, cross-
-  core timing, hardware PRNG bit streams, exact TPU float rounding of
+  core timing, devices out of step, hardware PRNG bit streams, exact TPU float rounding of
   transcendental functions.
 
   Defaults of the fidelity fields come from absl flags and environment

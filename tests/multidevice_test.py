@@ -1,0 +1,467 @@
+"""Multi-device kernels under fast interpret: remote DMAs, signals, barriers.
+
+Kernels run inside ``jax.shard_map`` over simulated CPU devices (8, set by
+tests/conftest.py under pytest, or below when this file runs alone). Covers
+the collectives of the Pallas TPU distributed guide (right permute, ring
+all-gather, all-reduce and reduce-scatter with double buffering, the
+bidirectional variants) and ``jax.experimental.pallas.ops.tpu.all_gather``,
+checked against XLA's own ``lax`` collectives; device ids as mesh tuples,
+dicts and logical ids; multi-axis meshes; devices taking different branches
+around remote copies; while loops with a device-dependent trip count; and
+the errors a wrong kernel gets (unmatched waits, leftover signals, a target
+outside the mesh, a barrier without ``collective_id``).
+
+Run:  python -m pytest tests/multidevice_test.py -q
+"""
+
+import functools
+
+import jax
+
+try:  # Alone (as Bazel runs it): ask for devices before the backend starts.
+  jax.config.update("jax_num_cpu_devices", 8)
+except RuntimeError:  # Under pytest, tests/conftest.py already did.
+  pass
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu import all_gather as ops_all_gather
+import jax.numpy as jnp
+import numpy as np
+
+import fast_interpret
+from benchmarks import collective_kernels as ck
+
+try:
+  from tests import test_util  # pylint: disable=g-import-not-at-top
+  from tests.feature_util import setUpModule  # pylint: disable=unused-import
+except ImportError:
+  import test_util  # pylint: disable=g-import-not-at-top
+  from feature_util import setUpModule  # pylint: disable=unused-import
+
+P = jax.sharding.PartitionSpec
+FI = fast_interpret.FastInterpretParams()
+ANY = pl.BlockSpec(memory_space=pl.ANY)
+VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
+DMA = pltpu.SemaphoreType.DMA
+REGULAR = pltpu.SemaphoreType.REGULAR
+MESH = pl.DeviceIdType.MESH
+LOGICAL = pl.DeviceIdType.LOGICAL
+SEM_ERROR = "fast_interpret: semaphore: "
+
+
+def _mesh(shape, names):
+  n = int(np.prod(shape))
+  if jax.device_count() < n:
+    raise absltest.SkipTest(f"needs {n} devices, JAX has {jax.device_count()}")
+  return jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
+
+
+def _data(shape, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).standard_normal(shape),
+                     jnp.float32)
+
+
+def _shard(f, mesh, in_specs, out_specs):
+  return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)
+
+
+def _ring(n):
+  return [(i, (i + 1) % n) for i in range(n)]
+
+
+class CollectivesTest(chex.TestCase):
+  """The guide's collectives, against XLA's lax collectives."""
+
+  def _compare(self, kernel, reference, mesh, in_specs, out_specs, x,
+               exact=True):
+    got = self.variant(_shard(kernel, mesh, in_specs, out_specs))(x)
+    want = jax.jit(_shard(reference, mesh, in_specs, out_specs))(x)
+    if exact:
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    else:
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                 rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("mesh_tuple_4", 4, 1, "mesh"), ("dict_left_4", 4, -1, "dict"),
+      ("logical_4", 4, 1, "logical"), ("mesh_tuple_8", 8, 1, "mesh"))
+  def test_right_permute(self, n, shift, form):
+    mesh = _mesh((n,), ("x",))
+    perm = [(i, (i + shift) % n) for i in range(n)]
+    self._compare(
+        functools.partial(ck.right_permute, axis="x", n=n, shift=shift,
+                          form=form, interpret=FI),
+        lambda v: lax.ppermute(v, "x", perm), mesh, P("x"), P("x"),
+        _data((8 * n, 128)))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("ring_4", 4, False),
+                                  ("bidirectional_4", 4, True),
+                                  ("ring_8", 8, False))
+  def test_all_gather(self, n, bidirectional):
+    mesh = _mesh((n,), ("x",))
+    self._compare(
+        functools.partial(ck.ring_all_gather, axis="x", n=n,
+                          bidirectional=bidirectional, interpret=FI),
+        lambda v: lax.all_gather(v, "x"), mesh, P("x"), P("x"),
+        _data((8 * n, 128)))
+
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(("devices_4", 4), ("devices_8", 8))
+  def test_all_reduce(self, n):
+    mesh = _mesh((n,), ("x",))
+    self._compare(
+        functools.partial(ck.ring_all_reduce, axis="x", n=n, interpret=FI),
+        lambda v: lax.psum(v, "x"), mesh, P("x"), P("x"),
+        _data((8 * n, 128)), exact=False)
+
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(("ring_4", 4, False),
+                                  ("bidirectional_4", 4, True),
+                                  ("bidirectional_8", 8, True))
+  def test_reduce_scatter(self, n, bidirectional):
+    mesh = _mesh((n,), ("x",))
+    self._compare(
+        functools.partial(ck.ring_reduce_scatter, axis="x", n=n,
+                          bidirectional=bidirectional, interpret=FI),
+        lambda v: lax.psum_scatter(v, "x"), mesh, P(None, None, "x"),
+        P(None, "x"), _data((n, 16, 128 * n)), exact=False)
+
+  @parameterized.named_parameters(("devices_4", 4), ("devices_8", 8))
+  def test_pallas_ops_all_gather(self, n):
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    with fast_interpret.force_fast_interpret_mode(FI):
+      got = ops_all_gather.all_gather(x, mesh=mesh, axis_name="x")
+    want = jax.jit(_shard(lambda v: lax.all_gather(v, "x", tiled=True), mesh,
+                          P("x"), P(None)))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  @test_util.slow
+  def test_guide_collectives_on_8_devices_slow(self):
+    mesh = _mesh((8,), ("x",))
+    x = _data((8, 32, 128 * 8))
+    for bidirectional in (False, True):
+      got = jax.jit(_shard(functools.partial(
+          ck.ring_reduce_scatter, axis="x", n=8, bidirectional=bidirectional,
+          interpret=FI), mesh, P(None, None, "x"), P(None, "x")))(x)
+      want = jax.jit(_shard(lambda v: lax.psum_scatter(v, "x"), mesh,
+                            P(None, None, "x"), P(None, "x")))(x)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                 rtol=1e-5, atol=1e-5)
+
+
+# --- Device ids on a 2-D mesh, signals, divergent control flow. ------------
+
+
+def _two_axis_kernel(x_hbm, along_y, along_x, logical, send_sems, recv_sems):
+  i, j = lax.axis_index("x"), lax.axis_index("y")
+  targets = [({"y": lax.rem(j + 1, 4)}, MESH), ((1 - i, j), MESH),
+             (i * 4 + lax.rem(j + 3, 4), LOGICAL)]
+  copies = [pltpu.make_async_remote_copy(
+      x_hbm, out, send_sems.at[k], recv_sems.at[k], device_id=device_id,
+      device_id_type=id_type)
+            for k, (out, (device_id, id_type)) in enumerate(
+                zip((along_y, along_x, logical), targets))]
+  for copy in copies:
+    copy.start()
+  for copy in copies:
+    copy.wait()
+
+
+def _signal_kernel(o_ref, sem):
+  """Each device adds (its id + 1) to its right neighbour's semaphore."""
+  me = lax.axis_index("x")
+  n = lax.axis_size("x")
+  pl.semaphore_signal(sem, me + 1, device_id=(lax.rem(me + 1, n),),
+                      device_id_type=MESH)
+  o_ref[0] = pl.semaphore_read(sem)
+  pl.semaphore_wait(sem, o_ref[0])
+
+
+def _pairs_kernel(x_ref, o_ref, send_sem, recv_sem):
+  """0 sends to 1; 2 and 3 swap; the rest keep their own: branches differ."""
+  me = lax.axis_index("x")
+
+  def copy_to(device):
+    return pltpu.make_async_remote_copy(x_ref, o_ref, send_sem, recv_sem,
+                                        device_id=device,
+                                        device_id_type=LOGICAL)
+
+  @pl.when((me == 0) | (me >= 4))
+  def _():
+    o_ref[...] = x_ref[...]
+
+  @pl.when(me == 0)
+  def _():
+    copy = copy_to(1)
+    copy.start()
+    copy.wait_send()
+
+  @pl.when(me == 1)
+  def _():
+    copy_to(1).wait_recv()
+
+  for sender, receiver in ((2, 3), (3, 2)):
+    @pl.when(me == sender)
+    def _(sender=sender, receiver=receiver):
+      copy = copy_to(receiver)
+      copy.start()
+      copy.wait_send()
+      copy_to(sender).wait_recv()  # The copy the other one starts.
+
+
+def _broadcast_kernel(x_ref, o_ref, send_sem, recv_sem):
+  """Only device 0 sends, to every other device, in a loop."""
+  me = lax.axis_index("x")
+  n = lax.axis_size("x")
+
+  def copy_to(device):
+    return pltpu.make_async_remote_copy(x_ref, o_ref, send_sem, recv_sem,
+                                        device_id=device,
+                                        device_id_type=LOGICAL)
+
+  @pl.when(me == 0)
+  def _():
+    o_ref[...] = x_ref[...]
+
+    @pl.loop(1, n)
+    def _(device):
+      copy = copy_to(device)
+      copy.start()
+      copy.wait_send()
+
+  @pl.when(me != 0)
+  def _():
+    copy_to(me).wait_recv()
+
+
+def _uneven_loop_kernel(x_ref, o_ref, send_sem, recv_sem):
+  """Device d adds its x into its right neighbour d times: uneven while loops."""
+  me = lax.axis_index("x")
+  n = lax.axis_size("x")
+  right, left = lax.rem(me + 1, n), lax.rem(me + n - 1, n)
+  o_ref[...] = jnp.zeros_like(o_ref)
+  barrier = pltpu.get_barrier_semaphore()  # Our o_ref is zero: send away.
+  pl.semaphore_signal(barrier, 1, device_id=(left,), device_id_type=MESH)
+  pl.semaphore_wait(barrier, 1)
+  copy = pltpu.make_async_remote_copy(x_ref, o_ref, send_sem, recv_sem,
+                                      device_id=(right,), device_id_type=MESH)
+
+  def send(i, carry):
+    copy.start(add=True)
+    copy.wait_send()
+    return carry
+
+  lax.fori_loop(0, me, send, 0)
+
+  def receive(i, carry):
+    copy.wait_recv()
+    return carry
+
+  lax.fori_loop(0, left, receive, 0)
+
+
+class DeviceIdsAndBranchesTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_two_axis_mesh(self):
+    mesh = _mesh((2, 4), ("x", "y"))
+    spec = P(("x", "y"))
+    x = _data((8 * 8, 128))
+
+    def kernel(v):
+      shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
+      return pl.pallas_call(
+          _two_axis_kernel, out_shape=(shape,) * 3, in_specs=[ANY],
+          out_specs=(ANY,) * 3, scratch_shapes=[DMA((3,)), DMA((3,))],
+          interpret=FI)(v)
+
+    def reference(v):
+      return (lax.ppermute(v, "y", _ring(4)),
+              lax.ppermute(v, "x", [(0, 1), (1, 0)]),
+              lax.ppermute(v, "y", [(j, (j + 3) % 4) for j in range(4)]))
+
+    got = self.variant(_shard(kernel, mesh, spec, (spec,) * 3))(x)
+    want = jax.jit(_shard(reference, mesh, spec, (spec,) * 3))(x)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_remote_signal_reaches_neighbour(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    kernel = pl.pallas_call(
+        _signal_kernel, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32),
+        out_specs=pl.BlockSpec(memory_space=pltpu.SMEM),
+        scratch_shapes=[REGULAR], interpret=FI)
+    got = self.variant(_shard(kernel, mesh, (), P("x")))()
+    # Device d hears from d - 1, which adds its own id + 1 = d (n for d=0).
+    np.testing.assert_array_equal(np.asarray(got), [n, 1, 2, 3])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("devices_4", 4), ("devices_8", 8))
+  def test_devices_take_different_branches(self, n):
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    kernel = pl.pallas_call(
+        _pairs_kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[VMEM], out_specs=VMEM, scratch_shapes=[DMA, DMA],
+        interpret=FI)
+    got = self.variant(_shard(kernel, mesh, P("x"), P("x")))(x)
+    shards = np.asarray(x).reshape(n, 8, 128)
+    want = shards[[0, 0, 3, 2, *range(4, n)]].reshape(8 * n, 128)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_only_device_0_sends(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    kernel = pl.pallas_call(
+        _broadcast_kernel,
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[VMEM], out_specs=VMEM, scratch_shapes=[DMA, DMA],
+        interpret=FI)
+    got = self.variant(_shard(kernel, mesh, P("x"), P("x")))(x)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.tile(np.asarray(x)[:8], (n, 1)))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_device_dependent_while_loops(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    kernel = pl.pallas_call(
+        _uneven_loop_kernel,
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[VMEM], out_specs=VMEM, scratch_shapes=[DMA, DMA],
+        compiler_params=pltpu.CompilerParams(collective_id=0), interpret=FI)
+    got = self.variant(_shard(kernel, mesh, P("x"), P("x")))(x)
+    shards = np.asarray(x).reshape(n, 8, 128)
+    left = [(d - 1) % n for d in range(n)]
+    want = np.concatenate([shards[l] * l for l in left])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+# --- Errors. ----------------------------------------------------------------
+
+
+def _permute_kernel(extra):
+  def kernel(x_hbm, o_hbm, send_sem, recv_sem, sem):
+    me = lax.axis_index("x")
+    copy = pltpu.make_async_remote_copy(
+        x_hbm, o_hbm, send_sem, recv_sem,
+        device_id=(lax.rem(me + 1, lax.axis_size("x")),),
+        device_id_type=MESH)
+    copy.start()
+    copy.wait()
+    extra(me, copy, sem)
+  return kernel
+
+
+def _wait_twice(me, copy, sem):
+  del me, sem
+  copy.wait_recv()
+
+
+def _signal_unmatched(me, copy, sem):
+  del copy
+  pl.semaphore_signal(sem, 1, device_id=(me,), device_id_type=MESH)
+
+
+def _wait_in_branch(me, copy, sem):
+  @pl.when(me == 3)
+  def _():
+    # A remote op (to itself) makes the branch predicated: its waits are
+    # checked at the end of the step, and this one is never satisfied.
+    pl.semaphore_signal(sem, 1, device_id=(me,), device_id_type=MESH)
+    pl.semaphore_wait(sem, 1)
+    copy.wait_recv()
+
+
+def _outside_mesh(me, copy, sem):
+  del me, copy
+  pl.semaphore_signal(sem, 1, device_id=7, device_id_type=LOGICAL)
+
+
+class ErrorsTest(chex.TestCase):
+
+  def _run(self, extra, n=4):
+    mesh = _mesh((n,), ("x",))
+    kernel = pl.pallas_call(
+        _permute_kernel(extra),
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[ANY], out_specs=ANY, scratch_shapes=[DMA, DMA, REGULAR],
+        interpret=FI)
+    jax.block_until_ready(jax.jit(_shard(kernel, mesh, P("x"), P("x")))(
+        _data((8 * n, 128))))
+
+  @parameterized.named_parameters(
+      ("wrong_wait_count", _wait_twice,
+       SEM_ERROR + r"a DMA wait on scratch\[1\] waits for more than was "
+       r"signalled \(count would be -4096\).*grid step 0, device 0\)"),
+      ("signal_never_waited", _signal_unmatched,
+       SEM_ERROR + r"scratch\[2\] is left at 1 when the kernel ends"),
+      ("wait_nobody_satisfies", _wait_in_branch,
+       SEM_ERROR + r"a DMA wait on scratch\[1\] \(in a branch with remote "
+       r"ops\) waits for more than was signalled by the end of the grid step"
+       r".*device 3\)"),
+      ("target_outside_mesh", _outside_mesh,
+       r"fast_interpret: remote semaphore signal: device id 7 is outside the "
+       r"mesh of 4 devices"),
+  )
+  def test_runtime_error(self, extra, message):
+    with self.assertRaisesRegex(Exception, message):
+      self._run(extra)
+
+  def test_barrier_needs_collective_id(self):
+    def kernel(o_ref):
+      sem = pltpu.get_barrier_semaphore()
+      pl.semaphore_signal(sem, 1)
+      pl.semaphore_wait(sem, 1)
+      o_ref[0] = 0
+
+    call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((1,),
+                                                                  jnp.int32),
+                          out_specs=pl.BlockSpec(memory_space=pltpu.SMEM),
+                          interpret=FI)
+    with self.assertRaisesRegex(fast_interpret.UnsupportedFeatureError,
+                                "get_barrier_semaphore.*collective_id=0"):
+      jax.jit(call).lower()
+
+  def test_remote_copy_outside_shard_map(self):
+    def kernel(x_hbm, o_hbm, send_sem, recv_sem):
+      copy = pltpu.make_async_remote_copy(x_hbm, o_hbm, send_sem, recv_sem,
+                                          device_id=0, device_id_type=LOGICAL)
+      copy.start()
+      copy.wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[ANY], out_specs=ANY, scratch_shapes=[DMA, DMA],
+        interpret=FI)
+    with self.assertRaisesRegex(fast_interpret.UnsupportedFeatureError,
+                                "a remote DMA outside jax.shard_map"):
+      jax.jit(call).lower(_data((8, 128)))
+
+  def test_no_host_callback_with_checks_off(self):
+    mesh = _mesh((4,), ("x",))
+    off = fast_interpret.params_for_level("fast")
+    self.assertFalse(off.checks_enabled)
+    f = _shard(functools.partial(ck.ring_all_gather, axis="x", n=4,
+                                 interpret=off), mesh, P("x"), P("x"))
+    text = jax.jit(f).lower(_data((32, 128))).as_text()
+    self.assertNotIn("callback", text)
+
+
+if __name__ == "__main__":
+  absltest.main()
