@@ -370,10 +370,15 @@ def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
                   if out else jnp.zeros((0,), jnp.int32))
     return outs, checks.flush(local).buffers.get(checks.ERROR_ID)
 
-  with jax.ensure_compile_time_eval():
+  if any(_reads_refs(op) for op in operands):
     tables, words = jax.vmap(one)(jnp.asarray(steps), jnp.asarray(coords))
-  tables = [t if isinstance(t, jax.core.Tracer) else np.asarray(t)
-            for t in tables]
+  else:
+    # Evaluated now, on concrete values. Outside any enclosing mesh: inside
+    # a shard_map body the manual mesh would be given to the eager arrays.
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), ())):
+      tables, words = jax.vmap(one)(np.asarray(steps), np.asarray(coords))
+    tables = [np.asarray(t) for t in tables]
   if checked and ctx.sites and len(ctx.sites.templates) > num_sites:
     state = checks.merge_first(state, words)
   return tables, state
