@@ -7,6 +7,7 @@ ref effects); every other buffer is read from the enclosing scope.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jax import lax
@@ -14,20 +15,23 @@ import jax.numpy as jnp
 
 from fast_interpret import _jax
 from fast_interpret import errors
+from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
                                   storage_dtype, uninitialized)
 
 
-def _written(state: KernelState, closed: _jax.ClosedJaxpr, invals
-             ) -> set[int]:
+def _written(ctx: RuleContext, state: KernelState, closed: _jax.ClosedJaxpr,
+             invals) -> set[int]:
   """Buffers a body may write: its written refs, and the special buffers.
 
   Special buffers (negative ids: the error word, the PRNG state) are always
-  carried; they are a few words each.
+  carried; they are a few words each. With on_wait DMAs, a body that starts
+  or waits on a DMA carries the DMA destinations and their companions.
   """
   ids = interpreter.written_buffer_ids(closed.jaxpr, [*closed.consts, *invals])
+  ids |= inflight.carried_ids(ctx.in_flight, state, closed.jaxpr)
   return ids | {k for k in state.buffers if k < 0}
 
 
@@ -43,7 +47,7 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
 def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
                **_):
   """``lax.cond``/``lax.switch``/``pl.when``: a ``lax.switch`` over branches."""
-  carried = set().union(*(_written(state, b, ops) for b in branches))
+  carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
 
   def make_branch(closed):
     def branch(buffers):
@@ -65,8 +69,8 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
   cond_consts = invals[:cond_nconsts]
   body_consts = invals[cond_nconsts:cond_nconsts + body_nconsts]
   init = invals[cond_nconsts + body_nconsts:]
-  carried = (_written(state, body_jaxpr, [*body_consts, *init])
-             | _written(state, cond_jaxpr, [*cond_consts, *init]))
+  carried = (_written(ctx, state, body_jaxpr, [*body_consts, *init])
+             | _written(ctx, state, cond_jaxpr, [*cond_consts, *init]))
 
   def cond_fn(carry):
     buffers, vals = carry
@@ -92,7 +96,7 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   consts = invals[:num_consts]
   init = invals[num_consts:num_consts + num_carry]
   xs = invals[num_consts + num_carry:]
-  carried = _written(state, jaxpr, [*consts, *init, *xs])
+  carried = _written(ctx, state, jaxpr, [*consts, *init, *xs])
 
   def body_fn(carry, x):
     buffers, vals = carry
@@ -140,6 +144,13 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
                             ctx.params.uninitialized_memory)
     state = state.add(bid, value)
     handles.append(RefHandle(bid, space, f"run_scoped[{k}]"))
+  if inflight.enabled(ctx.params):
+    n_const = len(jaxpr.constvars)
+    state, table = inflight.allocate(
+        state, handles, [p - n_const for p in inflight.destinations(jaxpr)
+                         if p >= n_const], ctx.fresh_buffer_id)
+    fresh += [i for e in table.values() for i in (e.shadow_id, e.tag_id)]
+    ctx = dataclasses.replace(ctx, in_flight={**ctx.in_flight, **table})
   state, outs = interpreter.eval_jaxpr(ctx, state, jaxpr, invals, handles)
   return state.drop(fresh), outs
 

@@ -1,13 +1,17 @@
 """Rules for local DMAs and semaphores.
 
-A DMA is a functional copy between two buffers, done when it is started
-(eager: a valid TPU schedule). Its destination semaphore is then incremented
-by the number of bytes copied, as the TPU's DMA engine does; ``.wait()``
-decrements it by the byte size of the copy it names. REGULAR semaphores are
-integer counters changed by ``pl.semaphore_signal`` / ``semaphore_wait``.
+A DMA is a functional copy between two buffers. With
+``dma_execution_mode="eager"`` it is done when it is started (a valid TPU
+schedule); with ``"on_wait"`` it lands at the first wait on its semaphore
+(see inflight.py), so a read of the destination before the wait sees the old
+data. Either way its destination semaphore is incremented by the number of
+bytes copied when it starts (a count the wait is then sure to find), and
+``.wait()`` decrements it by the byte size of the copy it names. REGULAR
+semaphores are integer counters changed by ``pl.semaphore_signal`` /
+``semaphore_wait``.
 
-Fidelity lost: DMA latency and overlap with compute; reads of a destination
-before its wait already see the new data.
+Fidelity lost: DMA latency and overlap with compute; in ``eager`` mode, reads
+of a destination before its wait already see the new data.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
+from fast_interpret import inflight
 from fast_interpret import views
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import KernelState, RefHandle
@@ -78,7 +83,7 @@ def _require_local(ctx: RuleContext, device_id, what: str) -> None:
 @register_rule(_jax.dma_start_p)
 def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                     device_id_type, priority=0, add=False):
-  """``copy.start()``: copies now and signals the destination semaphore."""
+  """``copy.start()``: copies (now, or at the wait) and signals the semaphore."""
   del device_id_type, priority
   src, dst, dst_sem, src_sem, device_id = _jax.tree_unflatten(tree, flat)
   _require_local(ctx, device_id, "DMA")
@@ -99,20 +104,33 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
     new = view + value.astype(view.dtype) if add else value.astype(view.dtype)
     return None, new
 
-  _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
+  if inflight.can_defer(ctx.in_flight, dst_h, dst_t, add):
+    sem_h, sem_t = _view(dst_sem)
+    state = inflight.start(state, ctx.in_flight[dst_h.buffer_id], dst_t, put,
+                           inflight.semaphore_tag(state, sem_h, sem_t),
+                           dst_report)
+  else:
+    _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
+    state = state.write(dst_h.buffer_id, buf)
   state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
                                "DMA destination")
-  state = state.write(dst_h.buffer_id, buf)
   return _add_to_semaphore(ctx, state, dst_sem, _nbytes(value)), []
 
 
 @register_rule(_jax.dma_wait_p)
 def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                    device_id_type, **_):
-  """``copy.wait()``: takes the copy's byte count off its semaphore."""
+  """``copy.wait()``: lands copies in flight; takes the bytes off the semaphore.
+
+  The byte count comes from the view of the source the wait names.
+  """
   del device_id_type
   src, _, dst_sem, _, device_id = _jax.tree_unflatten(tree, flat)
   _require_local(ctx, device_id, "DMA wait")
+  if ctx.in_flight:
+    sem_h, sem_t = _view(dst_sem)
+    state = inflight.land(ctx.in_flight, state,
+                          inflight.semaphore_tag(state, sem_h, sem_t))
   src_h, src_t = _view(src)
   shape = views.read(state.read(src_h.buffer_id), src_t)
   return _add_to_semaphore(ctx, state, dst_sem, -_nbytes(shape),

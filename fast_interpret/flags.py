@@ -60,6 +60,10 @@ _define("out_of_bounds_reads", flags.DEFINE_enum, "raise",
 _define("uninitialized_memory", flags.DEFINE_enum, "nan",
         "Fill of memory never written: 'nan' (int max) or 'zero'.", str,
         enum_values=["nan", "zero"])
+_define("dma_execution_mode", flags.DEFINE_enum, "eager",
+        "When a DMA's copy lands: 'eager' (at start) or 'on_wait' (at the "
+        "first wait on its semaphore).", str,
+        enum_values=["eager", "on_wait"])
 _define("check_semaphores", flags.DEFINE_boolean, True,
         "Raise on semaphore waits that would hang and on semaphores left "
         "non-zero at kernel exit.", _parse_bool)

@@ -34,6 +34,7 @@ from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import fences
+from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   scoped_memory_space, storage_dtype,
@@ -322,6 +323,14 @@ def interpret_pallas_call(
   if _jax.uses_primitives(jaxpr, {_jax.prng_seed_p, _jax.prng_random_bits_p,
                                   _jax.random_bits_p}):
     buffers[tpu_rules.PRNG_ID] = tpu_rules.initial_prng_state()
+  in_flight = {}
+  if inflight.enabled(interpret_params):
+    n_const = len(jaxpr.constvars)
+    with_companions, in_flight = inflight.allocate(
+        KernelState(buffers), kernel_args,
+        [p - n_const for p in inflight.destinations(jaxpr) if p >= n_const],
+        ids.fresh)
+    buffers = dict(with_companions.buffers)
   visited_ids = {}
   if interpret_params.check_output_revisits:
     for op in out_ops:
@@ -334,6 +343,7 @@ def interpret_pallas_call(
              | {h.buffer_id for h in scratch_handles}
              | (written - input_block_ids)
              | set(visited_ids.values())
+             | {i for e in in_flight.values() for i in (e.shadow_id, e.tag_id)}
              | {k for k in buffers if k < 0})
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
@@ -342,7 +352,8 @@ def interpret_pallas_call(
       params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
-      check_bounds=check_bounds, check_semaphores=check_semaphores)
+      check_bounds=check_bounds, check_semaphores=check_semaphores,
+      in_flight=in_flight)
 
   def step_fn(step, carry: dict[int, Any], last_step) -> dict[int, Any]:
     coords = _unravel(step, grid) if grid else ()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fast_interpret import _jax
@@ -61,6 +61,8 @@ class RuleContext:
     grid_step: the flat index of the current grid step, for error reports.
     check_bounds: whether ref, DMA and block indices are bounds-checked.
     check_semaphores: whether semaphore counts are checked.
+    in_flight: with ``dma_execution_mode="on_wait"``, the companion buffers
+      (``inflight.InFlight``) of each DMA destination buffer id in scope.
   """
 
   params: Any
@@ -75,6 +77,7 @@ class RuleContext:
   grid_step: Any = 0
   check_bounds: bool = False
   check_semaphores: bool = False
+  in_flight: Mapping[int, Any] = dataclasses.field(default_factory=dict)
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()

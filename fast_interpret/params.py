@@ -88,7 +88,8 @@ class FastInterpretParams(_jax.InterpretParams):
     buffer_bounds: accepted for compatibility; bounds are logical shapes.
   """
 
-  dma_execution_mode: Literal["eager", "on_wait"] = "eager"
+  dma_execution_mode: Literal["eager", "on_wait"] = dataclasses.field(
+      default_factory=flags.default_factory("dma_execution_mode"))
   out_of_bounds_reads: Literal["raise", "uninitialized"] = dataclasses.field(
       default_factory=flags.default_factory("out_of_bounds_reads"))
   uninitialized_memory: Literal["nan", "zero"] = dataclasses.field(
@@ -120,9 +121,10 @@ class FastInterpretParams(_jax.InterpretParams):
              "recording grid points needs a host callback.")
     _require(self.logging_mode is None, "logging_mode",
              "fast interpret does not log memory operations.")
-    _require(self.dma_execution_mode == "eager",
-             f"dma_execution_mode={self.dma_execution_mode!r}",
-             "only eager DMAs are modelled so far.")
+    if self.dma_execution_mode not in ("eager", "on_wait"):
+      raise ValueError(
+          "FastInterpretParams: dma_execution_mode must be 'eager' or "
+          f"'on_wait', got {self.dma_execution_mode!r}.")
     if self.out_of_bounds_reads not in ("raise", "uninitialized"):
       raise ValueError(
           "FastInterpretParams: out_of_bounds_reads must be 'raise' or "
