@@ -91,7 +91,8 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   src_h, src_t = _view(src)
   dst_h, dst_t = _view(dst)
   src_report, dst_report = checks.bounds_report(ctx), checks.bounds_report(ctx)
-  value = views.read(state.read(src_h.buffer_id), src_t, src_report)
+  value = views.read(state.read(src_h.buffer_id), src_t, src_report,
+                     fill=ctx.oob_fill)
   state = checks.record_bounds(ctx, state, src_report, src_h.name,
                                "DMA source")
 
@@ -108,9 +109,10 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
     sem_h, sem_t = _view(dst_sem)
     state = inflight.start(state, ctx.in_flight[dst_h.buffer_id], dst_t, put,
                            inflight.semaphore_tag(state, sem_h, sem_t),
-                           dst_report)
+                           dst_report, fill=ctx.oob_fill)
   else:
-    _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
+    _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report,
+                          fill=ctx.oob_fill)
     state = state.write(dst_h.buffer_id, buf)
   state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
                                "DMA destination")

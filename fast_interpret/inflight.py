@@ -174,13 +174,13 @@ def can_defer(in_flight: Mapping[int, InFlight], dst: RefHandle, transforms,
 
 
 def start(state: KernelState, entry: InFlight, transforms, put, tag,
-          report=None) -> KernelState:
+          report=None, fill=None) -> KernelState:
   """Puts a copy in flight: ``put(view)`` into the shadow, views tagged."""
   _, shadow = views.update(state.read(entry.shadow_id), transforms, put,
-                           report)
+                           report, fill=fill)
   _, tags = views.update(
       state.read(entry.tag_id), transforms,
-      lambda v: (None, jnp.full(v.shape, tag, jnp.int32)))
+      lambda v: (None, jnp.full(v.shape, tag, jnp.int32)), fill=fill)
   return state.write(entry.shadow_id, shadow).write(entry.tag_id, tags)
 
 

@@ -82,6 +82,16 @@ class RuleContext:
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
 
+  @property
+  def oob_fill(self) -> str | None:
+    """How reads outside a buffer fill (``views.read``'s ``fill``).
+
+    None (clamp) when bounds are checked: the error is reported instead.
+    """
+    if getattr(self.params, "out_of_bounds_reads", "raise") == "uninitialized":
+      return self.params.uninitialized_memory
+    return None
+
 
 @functools.cache
 def _pallas_primitives() -> frozenset[_jax.Primitive]:

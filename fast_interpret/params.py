@@ -69,9 +69,17 @@ class FastInterpretParams(_jax.InterpretParams):
       slice and block index against its buffer and raises
       ``KernelCheckError`` (message prefix ``fast_interpret: out of bounds:``)
       after the call, naming the kernel, operand, grid step and indices.
-      ``"uninitialized"`` turns the checks off; an out-of-range dynamic start
-      is then clamped into range (XLA semantics), not filled with the
-      uninitialised value as ``pltpu.InterpretParams`` does.
+      ``"uninitialized"`` turns the checks off and, as
+      ``pltpu.InterpretParams`` does, makes the elements of a ref load, a
+      ``pl.load`` or a DMA source that lie outside their buffer read as the
+      uninitialised value (see ``uninitialized_memory``); the parts of a
+      store or DMA destination outside the buffer are dropped (JAX's mode
+      raises on those). It costs a few ops on every access whose start is
+      not known while tracing. Array (gather) indices and block index maps
+      still clamp. ``"clamp"`` (ours, used by ``unchecked()`` and the
+      ``fast`` preset) turns the checks off at no cost: an out-of-range
+      dynamic start is clamped into range (XLA and ``interpret=True``
+      semantics).
     check_semaphores: True (default) raises (prefix ``fast_interpret:
       semaphore:``) when a wait asks for more than was signalled (a TPU would
       hang), when a DMA wait names a different size than its copy, and when a
@@ -90,8 +98,9 @@ class FastInterpretParams(_jax.InterpretParams):
 
   dma_execution_mode: Literal["eager", "on_wait"] = dataclasses.field(
       default_factory=flags.default_factory("dma_execution_mode"))
-  out_of_bounds_reads: Literal["raise", "uninitialized"] = dataclasses.field(
-      default_factory=flags.default_factory("out_of_bounds_reads"))
+  out_of_bounds_reads: Literal["raise", "uninitialized", "clamp"] = (
+      dataclasses.field(
+          default_factory=flags.default_factory("out_of_bounds_reads")))
   uninitialized_memory: Literal["nan", "zero"] = dataclasses.field(
       default_factory=flags.default_factory("uninitialized_memory"))
   num_cores_or_threads: int = dataclasses.field(
@@ -125,10 +134,10 @@ class FastInterpretParams(_jax.InterpretParams):
       raise ValueError(
           "FastInterpretParams: dma_execution_mode must be 'eager' or "
           f"'on_wait', got {self.dma_execution_mode!r}.")
-    if self.out_of_bounds_reads not in ("raise", "uninitialized"):
+    if self.out_of_bounds_reads not in ("raise", "uninitialized", "clamp"):
       raise ValueError(
-          "FastInterpretParams: out_of_bounds_reads must be 'raise' or "
-          f"'uninitialized', got {self.out_of_bounds_reads!r}.")
+          "FastInterpretParams: out_of_bounds_reads must be 'raise', "
+          f"'uninitialized' or 'clamp', got {self.out_of_bounds_reads!r}.")
     if self.uninitialized_memory not in ("nan", "zero"):
       raise ValueError(
           "FastInterpretParams: uninitialized_memory must be 'nan' or 'zero', "
