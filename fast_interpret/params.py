@@ -52,11 +52,18 @@ class FastInterpretParams(_jax.InterpretParams):
 
   Attributes:
     dma_execution_mode: ``"eager"`` (default): a DMA's copy happens when it is
-      started, which is a valid TPU schedule. Other values are not modelled yet
-      and raise.
+      started, a valid TPU schedule. ``"on_wait"``: the copy lands at the
+      first ``.wait()`` on its semaphore (the latest valid schedule), so a
+      read of the destination before the wait sees the old contents, as in
+      ``pltpu.InterpretParams(dma_execution_mode="on_wait")``; costs a shadow
+      and a tag array per DMA destination buffer. Unlike JAX's mode, the
+      source is read at start, and a wait lands every copy in flight on its
+      semaphore; ``add=True`` copies and destinations seen through a bitcast
+      or reshape land at start.
     uninitialized_memory: ``"nan"`` (default) fills output buffers, scratch and
-      padding with NaN (integers: their maximum value) so that reading memory
-      never written shows up; ``"zero"`` fills with zeros.
+      padding with NaN (integers: their maximum value; booleans: True, as
+      ``pltpu.InterpretParams`` does) so that reading memory never written
+      shows up; ``"zero"`` fills with zeros.
     detect_races: must be False: race detection is not modelled.
     num_cores_or_threads: simulated TensorCores per device (default 1). With
       more than one, the leading 'parallel' grid dimensions are split into
