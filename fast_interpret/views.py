@@ -210,11 +210,12 @@ def _filled_window_write(x, starts, sizes, val, fill: str):
 
 
 def _scatter_inside(x, starts, val):
-  index = tuple(
-      _along(jnp.asarray(s, jnp.int32) + jnp.arange(n, dtype=jnp.int32), d,
-             val.ndim)
-      for d, (s, n) in enumerate(zip(starts, val.shape, strict=True)))
-  return x.at[index].set(val.astype(x.dtype), mode="drop")
+  index = []
+  for d, (s, n) in enumerate(zip(starts, val.shape, strict=True)):
+    i = jnp.asarray(s, jnp.int32) + jnp.arange(n, dtype=jnp.int32)
+    # Negative indices would wrap around; send them past the end to drop.
+    index.append(_along(jnp.where(i < 0, x.shape[d], i), d, val.ndim))
+  return x.at[tuple(index)].set(val.astype(x.dtype), mode="drop")
 
 
 def _index_read(x: Array, indexer, report=None, fill=None) -> Array:

@@ -181,6 +181,30 @@ class OutOfBoundsReadTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(out), expected)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("negative", -4), ("zero", 0), ("three", 3),
+                                  ("far_negative", -20))
+  def test_window_longer_than_buffer(self, s):
+    """A 16-row store and load through an 8-row scratch."""
+    def kernel(s_ref, x_ref, o_ref, scratch):
+      scratch[...] = jnp.zeros_like(scratch)
+      scratch[pl.ds(s_ref[0], 16), :] = x_ref[...]
+      o_ref[0:8] = scratch[...]
+      o_ref[8:24] = scratch[pl.ds(s_ref[0], 16), :]
+
+    x = _x() + 1.0
+    out = self.variant(lambda s, x: _call(
+        kernel, _sds((24, LANES)), s, x, in_specs=[SMEM, VMEM],
+        out_specs=VMEM, scratch_shapes=[pltpu.VMEM((8, LANES), jnp.float32)],
+        interpret=_params()))(jnp.array([s], jnp.int32), x)
+    scratch = np.zeros((8, LANES), np.float32)
+    for k in range(16):
+      if 0 <= s + k < 8:
+        scratch[s + k] = np.asarray(x)[k]
+    np.testing.assert_array_equal(np.asarray(out[:8]), scratch)
+    np.testing.assert_array_equal(np.asarray(out[8:]),
+                                  _rows(scratch, range(s, s + 16), np.nan))
+
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("past_end", 9), ("negative", -3))
   def test_clamp_mode_clamps(self, s):
     out = self.variant(_load_call(FI(out_of_bounds_reads="clamp")))(
