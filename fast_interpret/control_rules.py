@@ -20,17 +20,17 @@ the same on every device.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jax import lax
 import jax.numpy as jnp
 
-import dataclasses
-
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import dma_rules
 from fast_interpret import errors
+from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret import remote
 from fast_interpret.interpreter import RuleContext, register_rule
@@ -38,14 +38,16 @@ from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
                                   storage_dtype, uninitialized)
 
 
-def _written(state: KernelState, closed: _jax.ClosedJaxpr, invals
-             ) -> set[int]:
+def _written(ctx: RuleContext, state: KernelState, closed: _jax.ClosedJaxpr,
+             invals) -> set[int]:
   """Buffers a body may write: its written refs, and the special buffers.
 
   Special buffers (negative ids: the error word, the PRNG state) are always
-  carried; they are a few words each.
+  carried; they are a few words each. With on_wait DMAs, a body that starts
+  or waits on a DMA carries the DMA destinations and their companions.
   """
   ids = interpreter.written_buffer_ids(closed.jaxpr, [*closed.consts, *invals])
+  ids |= inflight.carried_ids(ctx.in_flight, state, closed.jaxpr)
   return ids | {k for k in state.buffers if k < 0}
 
 
@@ -74,7 +76,7 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   state = checks.flush(state)
   if any(remote.has_remote_ops(b.jaxpr) for b in branches):
     return _predicated_cond(ctx, state, index, ops, branches)
-  carried = set().union(*(_written(state, b, ops) for b in branches))
+  carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
 
   def make_branch(closed):
     def branch(buffers):
@@ -114,8 +116,8 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
   body_consts = invals[cond_nconsts:cond_nconsts + body_nconsts]
   init = invals[cond_nconsts + body_nconsts:]
   state = checks.flush(state)
-  carried = (_written(state, body_jaxpr, [*body_consts, *init])
-             | _written(state, cond_jaxpr, [*cond_consts, *init]))
+  carried = (_written(ctx, state, body_jaxpr, [*body_consts, *init])
+             | _written(ctx, state, cond_jaxpr, [*cond_consts, *init]))
   collective = (remote.has_remote_ops(body_jaxpr.jaxpr)
                 or remote.has_remote_ops(cond_jaxpr.jaxpr))
   if collective or ctx.active is not None:
@@ -187,7 +189,7 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   init = invals[num_consts:num_consts + num_carry]
   xs = invals[num_consts + num_carry:]
   state = checks.flush(state)
-  carried = _written(state, jaxpr, [*consts, *init, *xs])
+  carried = _written(ctx, state, jaxpr, [*consts, *init, *xs])
 
   def body_fn(carry, x):
     buffers, vals = carry
@@ -235,6 +237,13 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
                             ctx.params.uninitialized_memory)
     state = state.add(bid, value)
     handles.append(RefHandle(bid, space, f"run_scoped[{k}]"))
+  if inflight.enabled(ctx.params):
+    n_const = len(jaxpr.constvars)
+    state, table = inflight.allocate(
+        state, handles, [p - n_const for p in inflight.destinations(jaxpr)
+                         if p >= n_const], ctx.fresh_buffer_id)
+    fresh += [i for e in table.values() for i in (e.shadow_id, e.tag_id)]
+    ctx = dataclasses.replace(ctx, in_flight={**ctx.in_flight, **table})
   state, outs = interpreter.eval_jaxpr(ctx, state, jaxpr, invals, handles)
   state = dma_rules.check_pending_waits(ctx, state, set(fresh))
   return state.drop(fresh), outs

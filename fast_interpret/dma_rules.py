@@ -1,10 +1,14 @@
 """Rules for DMAs and semaphores, local and remote.
 
-A DMA is a functional copy between two buffers, done when it is started
-(eager: a valid TPU schedule). Its destination semaphore is then incremented
-by the number of bytes copied, as the TPU's DMA engine does; ``.wait()``
-decrements it by the byte size of the copy it names. REGULAR semaphores are
-integer counters changed by ``pl.semaphore_signal`` / ``semaphore_wait``.
+A DMA is a functional copy between two buffers. With
+``dma_execution_mode="eager"`` it is done when it is started (a valid TPU
+schedule); with ``"on_wait"`` it lands at the first wait on its semaphore
+(see inflight.py), so a read of the destination before the wait sees the old
+data. Either way its destination semaphore is incremented by the number of
+bytes copied when it starts (a count the wait is then sure to find), and
+``.wait()`` decrements it by the byte size of the copy it names. REGULAR
+semaphores are integer counters changed by ``pl.semaphore_signal`` /
+``semaphore_wait``.
 
 A remote DMA (``make_async_remote_copy``) or signal (``device_id=...``) is an
 exchange between all devices of the mesh at the same program point (see
@@ -12,8 +16,8 @@ remote.py): the payload lands in the receiver's destination, whose receive
 semaphore gets the bytes; the sender's send semaphore gets them too. Waits
 are always local.
 
-Fidelity lost: DMA latency and overlap with compute; reads of a destination
-before its wait already see the new data.
+Fidelity lost: DMA latency and overlap with compute; in ``eager`` mode, reads
+of a destination before its wait already see the new data.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
 from fast_interpret import remote
+from fast_interpret import inflight
 from fast_interpret import views
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import KernelState, RefHandle
@@ -141,7 +146,8 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   src_h, src_t = _view(src)
   dst_h, dst_t = _view(dst)
   src_report, dst_report = checks.bounds_report(ctx), checks.bounds_report(ctx)
-  value = views.read(state.read(src_h.buffer_id), src_t, src_report)
+  value = views.read(state.read(src_h.buffer_id), src_t, src_report,
+                     fill=ctx.oob_fill)
   state = checks.record_bounds(ctx, state, src_report, src_h.name,
                                "DMA source")
 
@@ -159,16 +165,27 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
     new = view + value.astype(view.dtype) if add else value.astype(view.dtype)
     return None, new if hit is True else jnp.where(hit, new, view)
 
-  # A remote copy's destination indices are checked on the sender, against
-  # its own copy of the buffer (every device has the same shapes).
-  _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
-  state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
-                               "DMA destination")
   if device_id is None:
-    state = state.write(dst_h.buffer_id, buf)
+    if inflight.can_defer(ctx.in_flight, dst_h, dst_t, add):
+      sem_h, sem_t = _view(dst_sem)
+      state = inflight.start(state, ctx.in_flight[dst_h.buffer_id], dst_t,
+                             put, inflight.semaphore_tag(state, sem_h, sem_t),
+                             dst_report, fill=ctx.oob_fill)
+    else:
+      _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put,
+                            dst_report, fill=ctx.oob_fill)
+      state = state.write(dst_h.buffer_id, buf)
+    state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
+                                 "DMA destination")
     state = _add_to_semaphore(ctx, state, dst_sem, nbytes)
     return interpreter.mask_inactive(ctx, before, state), []
 
+  # A remote copy's destination indices are checked on the sender, against
+  # its own copy of the buffer (every device has the same shapes). Remote
+  # copies land at the start in every dma_execution_mode.
+  views.update(state.read(dst_h.buffer_id), dst_t, put, dst_report)
+  state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
+                               "DMA destination")
   target = remote.logical_id(ctx, device_id, device_id_type, "DMA")
   valid = remote.valid_flag(ctx)
   state = remote.check_target(ctx, state, target, valid, "DMA")
@@ -192,13 +209,18 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
 @register_rule(_jax.dma_wait_p)
 def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                    device_id_type, **_):
-  """``copy.wait()``: takes the copy's byte count off its semaphore.
+  """``copy.wait()``: lands copies in flight; takes the bytes off the semaphore.
 
-  Waits are local for remote copies too: ``wait_recv`` on the receive
-  semaphore, ``wait_send`` (src and dst swapped) on the send semaphore.
+  The byte count comes from the view of the source the wait names. Waits are
+  local for remote copies too: ``wait_recv`` on the receive semaphore,
+  ``wait_send`` (src and dst swapped) on the send semaphore.
   """
   del device_id_type
   src, _, dst_sem, _, _ = _jax.tree_unflatten(tree, flat)
+  if ctx.in_flight:
+    sem_h, sem_t = _view(dst_sem)
+    state = inflight.land(ctx.in_flight, state,
+                          inflight.semaphore_tag(state, sem_h, sem_t))
   src_h, src_t = _view(src)
   shape = views.read(state.read(src_h.buffer_id), src_t)
   return _add_to_semaphore(ctx, state, dst_sem, -_nbytes(shape, src_t),

@@ -27,7 +27,7 @@ from absl import flags
 LEVELS = ("fast", "checked", "tpu")
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"out_of_bounds_reads": "uninitialized", "check_semaphores": False,
+    "fast": {"out_of_bounds_reads": "clamp", "check_semaphores": False,
              "check_output_revisits": False},
     "checked": {"out_of_bounds_reads": "raise", "check_semaphores": True,
                 "check_output_revisits": True},
@@ -55,11 +55,17 @@ def _parse_bool(text: str) -> bool:
 
 
 _define("out_of_bounds_reads", flags.DEFINE_enum, "raise",
-        "Bounds checks: 'raise' (check and raise) or 'uninitialized' (off).",
-        str, enum_values=["raise", "uninitialized"])
+        "Bounds checks: 'raise' (check and raise), 'uninitialized' (off; "
+        "reads outside a buffer give the uninitialised value) or 'clamp' "
+        "(off; out-of-range starts clamped, no cost).",
+        str, enum_values=["raise", "uninitialized", "clamp"])
 _define("uninitialized_memory", flags.DEFINE_enum, "nan",
         "Fill of memory never written: 'nan' (int max) or 'zero'.", str,
         enum_values=["nan", "zero"])
+_define("dma_execution_mode", flags.DEFINE_enum, "eager",
+        "When a DMA's copy lands: 'eager' (at start) or 'on_wait' (at the "
+        "first wait on its semaphore).", str,
+        enum_values=["eager", "on_wait"])
 _define("check_semaphores", flags.DEFINE_boolean, True,
         "Raise on semaphore waits that would hang and on semaphores left "
         "non-zero at kernel exit.", _parse_bool)

@@ -35,6 +35,7 @@ from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import fences
+from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret import remote
 from fast_interpret import schedule
@@ -329,13 +330,21 @@ def interpret_pallas_call(
         "remote DMAs or signals with a dynamic grid", kernel_name,
         "Every device must run the same number of grid steps; use a static "
         "grid.")
+  in_flight = {}
+  if inflight.enabled(interpret_params):
+    n_const = len(jaxpr.constvars)
+    with_companions, in_flight = inflight.allocate(
+        KernelState(buffers), kernel_args,
+        [p - n_const for p in inflight.destinations(jaxpr) if p >= n_const],
+        ids.fresh)
+    buffers = dict(with_companions.buffers)
   visible = [d for d in range(len(grid)) if d not in gm.vmapped_dims]
   ctx = interpreter.RuleContext(
       params=interpret_params, kernel_name=kernel_name, buffer_ids=ids,
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores,
-      mesh=device_mesh)
+      mesh=device_mesh, in_flight=in_flight)
   num_steps = math.prod(grid) if grid else 1
   per_core = _steps_per_core(grid, num_steps, compiler_params,
                              interpret_params.num_cores_or_threads,
@@ -350,6 +359,7 @@ def interpret_pallas_call(
              | {h.buffer_id for h in scratch_handles}
              | (written - input_block_ids)
              | set(plan.buffers)
+             | {i for e in in_flight.values() for i in (e.shadow_id, e.tag_id)}
              | {k for k in buffers if k < 0})
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 

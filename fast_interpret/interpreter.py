@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jax import lax
@@ -89,6 +89,8 @@ class RuleContext:
     defer_waits: whether waits are deferred here: inside a predicated
       conditional, where one device may wait for what another device's
       later branch sends (control_rules).
+    in_flight: with ``dma_execution_mode="on_wait"``, the companion buffers
+      (``inflight.InFlight``) of each DMA destination buffer id in scope.
   """
 
   params: Any
@@ -107,9 +109,20 @@ class RuleContext:
   active: Any = None
   pending_waits: list | None = None
   defer_waits: bool = False
+  in_flight: Mapping[int, Any] = dataclasses.field(default_factory=dict)
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
+
+  @property
+  def oob_fill(self) -> str | None:
+    """How reads outside a buffer fill (``views.read``'s ``fill``).
+
+    None (clamp) when bounds are checked: the error is reported instead.
+    """
+    if getattr(self.params, "out_of_bounds_reads", "raise") == "uninitialized":
+      return self.params.uninitialized_memory
+    return None
 
 
 @functools.cache

@@ -54,11 +54,18 @@ class FastInterpretParams(_jax.InterpretParams):
 
   Attributes:
     dma_execution_mode: ``"eager"`` (default): a DMA's copy happens when it is
-      started, which is a valid TPU schedule. Other values are not modelled yet
-      and raise.
+      started, a valid TPU schedule. ``"on_wait"``: the copy lands at the
+      first ``.wait()`` on its semaphore (the latest valid schedule), so a
+      read of the destination before the wait sees the old contents, as in
+      ``pltpu.InterpretParams(dma_execution_mode="on_wait")``; costs a shadow
+      and a tag array per DMA destination buffer. Unlike JAX's mode, the
+      source is read at start, and a wait lands every copy in flight on its
+      semaphore; ``add=True`` copies and destinations seen through a bitcast
+      or reshape land at start.
     uninitialized_memory: ``"nan"`` (default) fills output buffers, scratch and
-      padding with NaN (integers: their maximum value) so that reading memory
-      never written shows up; ``"zero"`` fills with zeros.
+      padding with NaN (integers: their maximum value; booleans: True, as
+      ``pltpu.InterpretParams`` does) so that reading memory never written
+      shows up; ``"zero"`` fills with zeros.
     detect_races: must be False: race detection is not modelled.
     num_cores_or_threads: simulated TensorCores per device (default 1). With
       more than one, the leading 'parallel' grid dimensions are split into
@@ -71,9 +78,17 @@ class FastInterpretParams(_jax.InterpretParams):
       slice and block index against its buffer and raises
       ``KernelCheckError`` (message prefix ``fast_interpret: out of bounds:``)
       after the call, naming the kernel, operand, grid step and indices.
-      ``"uninitialized"`` turns the checks off; an out-of-range dynamic start
-      is then clamped into range (XLA semantics), not filled with the
-      uninitialised value as ``pltpu.InterpretParams`` does.
+      ``"uninitialized"`` turns the checks off and, as
+      ``pltpu.InterpretParams`` does, makes the elements of a ref load, a
+      ``pl.load`` or a DMA source that lie outside their buffer read as the
+      uninitialised value (see ``uninitialized_memory``); the parts of a
+      store or DMA destination outside the buffer are dropped (JAX's mode
+      raises on those). It costs a few ops on every access whose start is
+      not known while tracing. Array (gather) indices and block index maps
+      still clamp. ``"clamp"`` (ours, used by ``unchecked()`` and the
+      ``fast`` preset) turns the checks off at no cost: an out-of-range
+      dynamic start is clamped into range (XLA and ``interpret=True``
+      semantics).
     check_semaphores: True (default) raises (prefix ``fast_interpret:
       semaphore:``) when a wait asks for more than was signalled (a TPU would
       hang), when a DMA wait names a different size than its copy, and when a
@@ -90,9 +105,11 @@ class FastInterpretParams(_jax.InterpretParams):
     buffer_bounds: accepted for compatibility; bounds are logical shapes.
   """
 
-  dma_execution_mode: Literal["eager", "on_wait"] = "eager"
-  out_of_bounds_reads: Literal["raise", "uninitialized"] = dataclasses.field(
-      default_factory=flags.default_factory("out_of_bounds_reads"))
+  dma_execution_mode: Literal["eager", "on_wait"] = dataclasses.field(
+      default_factory=flags.default_factory("dma_execution_mode"))
+  out_of_bounds_reads: Literal["raise", "uninitialized", "clamp"] = (
+      dataclasses.field(
+          default_factory=flags.default_factory("out_of_bounds_reads")))
   uninitialized_memory: Literal["nan", "zero"] = dataclasses.field(
       default_factory=flags.default_factory("uninitialized_memory"))
   num_cores_or_threads: int = dataclasses.field(
@@ -122,13 +139,14 @@ class FastInterpretParams(_jax.InterpretParams):
              "recording grid points needs a host callback.")
     _require(self.logging_mode is None, "logging_mode",
              "fast interpret does not log memory operations.")
-    _require(self.dma_execution_mode == "eager",
-             f"dma_execution_mode={self.dma_execution_mode!r}",
-             "only eager DMAs are modelled so far.")
-    if self.out_of_bounds_reads not in ("raise", "uninitialized"):
+    if self.dma_execution_mode not in ("eager", "on_wait"):
       raise ValueError(
-          "FastInterpretParams: out_of_bounds_reads must be 'raise' or "
-          f"'uninitialized', got {self.out_of_bounds_reads!r}.")
+          "FastInterpretParams: dma_execution_mode must be 'eager' or "
+          f"'on_wait', got {self.dma_execution_mode!r}.")
+    if self.out_of_bounds_reads not in ("raise", "uninitialized", "clamp"):
+      raise ValueError(
+          "FastInterpretParams: out_of_bounds_reads must be 'raise', "
+          f"'uninitialized' or 'clamp', got {self.out_of_bounds_reads!r}.")
     if self.uninitialized_memory not in ("nan", "zero"):
       raise ValueError(
           "FastInterpretParams: uninitialized_memory must be 'nan' or 'zero', "

@@ -138,10 +138,15 @@ def storage_dtype(aval) -> np.dtype:
 
 
 def uninitialized(shape, dtype, fill: str) -> Array:
-  """A buffer the kernel has not written yet: NaN/int max, or zeros."""
+  """A buffer the kernel has not written yet: NaN/int max/True, or zeros.
+
+  The same values as ``pltpu.InterpretParams(uninitialized_memory=...)``.
+  """
   dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
-  if fill == "zero" or dtype == np.bool_:
+  if fill == "zero":
     return jnp.zeros(shape, dtype)
+  if dtype == np.bool_:
+    return jnp.ones(shape, dtype)
   if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(
       dtype, jnp.complexfloating):
     return jnp.full(shape, jnp.nan, dtype)

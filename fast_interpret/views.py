@@ -8,7 +8,13 @@ view, then backwards to put the new view into the buffer.
 Indexers made only of unit-stride slices and scalar indices become
 ``lax.slice`` (all starts static) or ``dynamic_slice`` /
 ``dynamic_update_slice``; only strided or array indexers use gather/scatter.
-Out-of-range dynamic starts are clamped, as ``dynamic_slice`` does.
+
+Out of range indices: by default a dynamic start is clamped, as
+``dynamic_slice`` does (the bounds checks report it). With ``fill`` (an
+``uninitialized_memory`` mode, for ``out_of_bounds_reads="uninitialized"``)
+the elements of a slice or strided view that fall outside the buffer read
+as the uninitialised value and writes to them are dropped, as
+``pltpu.InterpretParams`` reads them; array (gather) indexers still clamp.
 
 A slice of dynamic size (``pl.ds(start, n)`` with a traced ``n``, as DMAs of
 ``pl.BoundedSlice`` pipelines make) views its whole dimension rotated so the
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_interpret import _jax
+from fast_interpret.state import uninitialized
 
 Array = Any
 
@@ -98,33 +105,135 @@ def _bounds(shape, indexer, report) -> None:
   report.append((bad, starts, tuple(shape)))
 
 
-def _strided_read(x: Array, indexer) -> Array | None:
-  """Slices, strided slices and scalars, one dimension at a time, clamped."""
+def _strided_read(x: Array, indexer, fill=None) -> Array | None:
+  """Slices, strided slices and scalars, one dimension at a time, clamped.
+
+  With ``fill``, elements outside the buffer read as the uninitialised value.
+  """
   if not all(isinstance(i, _jax.Slice) or getattr(i, "shape", ()) == ()
              for i in indexer.indices):
     return None
   for dim in reversed(range(x.ndim)):
     idx = indexer.indices[dim]
+    size = x.shape[dim]
     if not isinstance(idx, _jax.Slice):
-      x = lax.dynamic_index_in_dim(x, jnp.asarray(idx, jnp.int32), dim,
-                                   keepdims=False)
-    elif idx.stride == 1:
+      i = jnp.asarray(idx, jnp.int32)
+      x = lax.dynamic_index_in_dim(x, i, dim, keepdims=False)
+      if fill is not None:
+        x = jnp.where((i >= 0) & (i < size), x, _fill_value(x, fill))
+    elif idx.stride == 1 and fill is None:
       x = lax.dynamic_slice_in_dim(x, jnp.asarray(idx.start, jnp.int32),
                                    idx.size, dim)
     else:
       rows = idx.start + idx.stride * jnp.arange(idx.size, dtype=jnp.int32)
-      x = jnp.take(x, jnp.clip(rows, 0, x.shape[dim] - 1), axis=dim)
+      x = jnp.take(x, jnp.clip(rows, 0, size - 1), axis=dim)
+      if fill is not None:
+        x = jnp.where(_along(_rows_ok(rows, size), dim, x.ndim), x,
+                      _fill_value(x, fill))
   return x
 
 
-def _index_read(x: Array, indexer, report=None) -> Array:
+def _rows_ok(rows, size: int):
+  return (rows >= 0) & (rows < size)
+
+
+def _along(v, dim: int, ndim: int):
+  """A vector ``v`` shaped to broadcast along dimension ``dim``."""
+  shape = [1] * ndim
+  shape[dim] = v.shape[0]
+  return v.reshape(shape)
+
+
+def _fill_value(x, fill: str):
+  return uninitialized((), x.dtype, fill)
+
+
+def _maybe_outside(starts, sizes, shape) -> list[int]:
+  """Dimensions whose window is not statically inside the buffer."""
+  dims = []
+  for d, (s, n, size) in enumerate(zip(starts, sizes, shape, strict=True)):
+    v = _static_int(s)
+    if v is None or v < 0 or v + n > size:
+      dims.append(d)
+  return dims
+
+
+def _clamped_window(shape, starts, sizes, dims):
+  """Where ``dynamic_slice`` puts the window, and each element's offset.
+
+  Returns the clamped starts, and for every dimension in ``dims`` the
+  element positions the window asks for, ``want``, and which of the clamped
+  window's elements holds each one, ``local``.
+  """
+  clamped, want, local = [], {}, {}
+  for d, (s, n, size) in enumerate(zip(starts, sizes, shape, strict=True)):
+    s = jnp.asarray(s, jnp.int32)
+    c = jnp.clip(s, 0, size - n)
+    clamped.append(c)
+    if d in dims:
+      want[d] = s + jnp.arange(n, dtype=jnp.int32)
+      local[d] = jnp.clip(want[d] - c, 0, n - 1)
+  return clamped, want, local
+
+
+def _filled_window_read(x, starts, sizes, fill: str):
+  """``x[starts : starts + sizes]``, the uninitialised value outside ``x``."""
+  dims = _maybe_outside(starts, sizes, x.shape)
+  # A window longer than the buffer: pad so that dynamic_slice accepts it.
+  pad = [(0, max(0, n - size), 0) for n, size in zip(sizes, x.shape,
+                                                      strict=True)]
+  shape = x.shape
+  if any(hi for _, hi, _ in pad):
+    x = lax.pad(x, _fill_value(x, fill), pad)
+  clamped, want, local = _clamped_window(x.shape, starts, sizes, dims)
+  y = lax.dynamic_slice(x, clamped, sizes)
+  ok = jnp.bool_(True)
+  for d in dims:
+    y = jnp.take(y, local[d], axis=d)
+    ok = ok & _along(_rows_ok(want[d], shape[d]), d, y.ndim)
+  return jnp.where(ok, y, _fill_value(y, fill))
+
+
+def _filled_window_write(x, starts, sizes, val, fill: str):
+  """Writes ``val`` at ``starts``, dropping the elements outside ``x``."""
+  del fill
+  dims = _maybe_outside(starts, sizes, x.shape)
+  if any(n > size for n, size in zip(sizes, x.shape, strict=True)):
+    # Longer than the buffer: write element by element (rare).
+    return _scatter_inside(x, starts, val)
+  clamped, want, local = _clamped_window(x.shape, starts, sizes, dims)
+  current = lax.dynamic_slice(x, clamped, sizes)
+  shifted, ok = val, jnp.bool_(True)
+  for d in dims:
+    n = sizes[d]
+    # Element k of the clamped window is element k + c - s of ``val``.
+    offset = clamped[d] + jnp.arange(n, dtype=jnp.int32) - want[d][0]
+    shifted = jnp.take(shifted, jnp.clip(offset, 0, n - 1), axis=d)
+    ok = ok & _along((offset >= 0) & (offset < n), d, x.ndim)
+  new = jnp.where(ok, shifted.astype(x.dtype), current)
+  return lax.dynamic_update_slice(x, new, clamped)
+
+
+def _scatter_inside(x, starts, val):
+  index = []
+  for d, (s, n) in enumerate(zip(starts, val.shape, strict=True)):
+    i = jnp.asarray(s, jnp.int32) + jnp.arange(n, dtype=jnp.int32)
+    # Negative indices would wrap around; send them past the end to drop.
+    index.append(_along(jnp.where(i < 0, x.shape[d], i), d, val.ndim))
+  return x.at[tuple(index)].set(val.astype(x.dtype), mode="drop")
+
+
+def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
   indexer = _normalized(indexer, x.shape)
   _bounds(x.shape, indexer, report)
   window = _as_window(indexer)
   if window is None:
-    y = _strided_read(x, indexer)
+    y = _strided_read(x, indexer, fill)
     return _jax.index_array(x, indexer) if y is None else y
   starts, sizes, squeeze = window
+  if fill is not None and _maybe_outside(starts, sizes, x.shape):
+    y = _filled_window_read(x, starts, sizes, fill)
+    return lax.squeeze(y, squeeze) if squeeze else y
   static = [_static_int(s) for s in starts]
   in_bounds = all(s is not None and 0 <= s and s + n <= d
                   for s, n, d in zip(static, sizes, x.shape, strict=True))
@@ -141,7 +250,7 @@ def _index_read(x: Array, indexer, report=None) -> Array:
   return lax.squeeze(y, squeeze) if squeeze else y
 
 
-def _index_write(x: Array, indexer, val: Array) -> Array:
+def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
   # Bounds were reported when the view was read on the way in.
   indexer = _normalized(indexer, x.shape)
   window = _as_window(indexer)
@@ -153,6 +262,8 @@ def _index_write(x: Array, indexer, val: Array) -> Array:
     return lax.reshape(val, x.shape) if squeeze else val
   if squeeze:
     val = lax.expand_dims(val, squeeze)
+  if fill is not None and _maybe_outside(starts, sizes, x.shape):
+    return _filled_window_write(x, starts, sizes, val, fill)
   return lax.dynamic_update_slice(x, val.astype(x.dtype), _index_args(starts))
 
 
@@ -231,11 +342,11 @@ def dynamic_size_fraction(transforms):
   return num, den
 
 
-def _forward(x: Array, transform, report=None) -> Array:
+def _forward(x: Array, transform, report=None, fill=None) -> Array:
   if isinstance(transform, _jax.NDIndexer):
     if any(_is_dynamic_size(i) for i in transform.indices):
       return _dynamic_size_read(x, transform, report)
-    return _index_read(x, transform, report)
+    return _index_read(x, transform, report, fill)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(x, transform.dtype)
   if isinstance(transform, _jax.ReshapeTransform):
@@ -247,11 +358,11 @@ def _forward(x: Array, transform, report=None) -> Array:
       f"fast_interpret: unsupported feature: ref transform {transform!r}")
 
 
-def _backward(x: Array, transform, new_view: Array) -> Array:
+def _backward(x: Array, transform, new_view: Array, fill=None) -> Array:
   if isinstance(transform, _jax.NDIndexer):
     if any(_is_dynamic_size(i) for i in transform.indices):
       return _dynamic_size_write(x, transform, new_view)
-    return _index_write(x, transform, new_view)
+    return _index_write(x, transform, new_view, fill)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(new_view, x.dtype).reshape(x.shape)
   if isinstance(transform, _jax.ReshapeTransform):
@@ -263,29 +374,34 @@ def _backward(x: Array, transform, new_view: Array) -> Array:
       f"fast_interpret: unsupported feature: ref transform {transform!r}")
 
 
-def read(buf: Array, transforms, report=None) -> Array:
+def read(buf: Array, transforms, report=None, *, fill=None) -> Array:
   """The value of the view ``buf[transforms]``.
 
   If ``report`` is a list, a bounds record is appended for every indexer
-  (see ``_bounds``).
+  (see ``_bounds``). ``fill`` (``"nan"``/``"zero"``, or None to clamp) is
+  what elements outside the buffer read as (see the module docstring).
   """
   for t in transforms:
-    buf = _forward(buf, t, report)
+    buf = _forward(buf, t, report, fill)
   return buf
 
 
 def update(buf: Array, transforms, fn: Callable[[Array], tuple[Any, Array]],
-           report=None) -> tuple[Any, Array]:
-  """Replaces the view by ``fn(view)[1]``; returns ``(fn(view)[0], buf')``."""
+           report=None, *, fill=None) -> tuple[Any, Array]:
+  """Replaces the view by ``fn(view)[1]``; returns ``(fn(view)[0], buf')``.
+
+  With ``fill``, parts of the view outside the buffer read as the
+  uninitialised value and are not written.
+  """
   if not transforms:
     return fn(buf)
   head, rest = transforms[0], transforms[1:]
-  sub = _forward(buf, head, report)
-  out, new_sub = update(sub, rest, fn, report)
-  return out, _backward(buf, head, new_sub)
+  sub = _forward(buf, head, report, fill)
+  out, new_sub = update(sub, rest, fn, report, fill=fill)
+  return out, _backward(buf, head, new_sub, fill)
 
 
-def swap(buf: Array, transforms, val: Array, report=None
+def swap(buf: Array, transforms, val: Array, report=None, *, fill=None
          ) -> tuple[Array, Array]:
   """Writes ``val`` into the view; returns (old view value, new buffer)."""
   def fn(view):
@@ -294,20 +410,22 @@ def swap(buf: Array, transforms, val: Array, report=None
           f"fast_interpret: store of shape {val.shape} into a view of shape "
           f"{view.shape}")
     return view, val.astype(view.dtype)
-  return update(buf, transforms, fn, report)
+  return update(buf, transforms, fn, report, fill=fill)
 
 
-def masked_swap(buf, transforms, val, mask, report=None
+def masked_swap(buf, transforms, val, mask, report=None, *, fill=None
                 ) -> tuple[Array, Array]:
   """Writes ``val`` where ``mask`` is true; returns (old view, new buffer)."""
   def fn(view):
     m = jnp.broadcast_to(mask, view.shape)
     return view, jnp.where(m, jnp.broadcast_to(val, view.shape).astype(
         view.dtype), view)
-  return update(buf, transforms, fn, report)
+  return update(buf, transforms, fn, report, fill=fill)
 
 
-def add(buf: Array, transforms, val: Array, report=None) -> Array:
+def add(buf: Array, transforms, val: Array, report=None, *, fill=None
+        ) -> Array:
   """Adds ``val`` into the view; returns the new buffer."""
-  _, new = update(buf, transforms, lambda view: (None, view + val), report)
+  _, new = update(buf, transforms, lambda view: (None, view + val), report,
+                  fill=fill)
   return new

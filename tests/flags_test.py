@@ -123,7 +123,7 @@ class FlagsTest(FidelityDialTestBase):
       self.assertEqual(getattr(FI(**{field: explicit}), field), explicit)
 
   @parameterized.named_parameters(
-      ("fast", "fast", "uninitialized", False),
+      ("fast", "fast", "clamp", False),
       ("checked", "checked", "raise", True),
       ("tpu", "tpu", "raise", True),
   )
@@ -143,7 +143,7 @@ class FlagsTest(FidelityDialTestBase):
                              fast_interpret_check_semaphores="true"):
       p = FI()
       self.assertTrue(p.check_semaphores)
-      self.assertEqual(p.out_of_bounds_reads, "uninitialized")
+      self.assertEqual(p.out_of_bounds_reads, "clamp")
 
   def test_explicit_argument_beats_fidelity_preset(self):
     with flagsaver.as_parsed(fast_interpret_fidelity="fast"):
@@ -156,7 +156,7 @@ class FlagsTest(FidelityDialTestBase):
                              fast_interpret_out_of_bounds_reads="raise"):
       p = FI.unchecked()
       self.assertFalse(p.check_semaphores)
-      self.assertEqual(p.out_of_bounds_reads, "uninitialized")
+      self.assertEqual(p.out_of_bounds_reads, "clamp")
       self.assertFalse(p.checks_enabled)
 
   def test_params_for_level(self):
@@ -230,8 +230,8 @@ class EnvironmentTest(FidelityDialTestBase):
     self.assertNotIn(f"FAST_INTERPRET_{key}", os.environ)
 
   @parameterized.named_parameters(
-      ("fast", "fast", "uninitialized", False),
-      ("fast_mixed_case", " Fast ", "uninitialized", False),
+      ("fast", "fast", "clamp", False),
+      ("fast_mixed_case", " Fast ", "clamp", False),
       ("checked", "checked", "raise", True),
       ("tpu", "tpu", "raise", True),
   )
@@ -254,7 +254,7 @@ class EnvironmentTest(FidelityDialTestBase):
                                       "FAST_INTERPRET_CHECK_SEMAPHORES": "1"}):
       p = FI()
       self.assertTrue(p.check_semaphores)
-      self.assertEqual(p.out_of_bounds_reads, "uninitialized")
+      self.assertEqual(p.out_of_bounds_reads, "clamp")
 
   def test_field_env_beats_fidelity_flag(self):
     with mock.patch.dict(os.environ, {"FAST_INTERPRET_CHECK_SEMAPHORES": "1"}):
@@ -304,7 +304,7 @@ class EnvironmentTest(FidelityDialTestBase):
   def test_invalid_fidelity_env_ignored_when_flag_given(self):
     with mock.patch.dict(os.environ, {"FAST_INTERPRET_FIDELITY": "bogus"}):
       with flagsaver.as_parsed(fast_interpret_fidelity="fast"):
-        self.assertEqual(FI().out_of_bounds_reads, "uninitialized")
+        self.assertEqual(FI().out_of_bounds_reads, "clamp")
 
 
 class ProcessTest(absltest.TestCase):
@@ -335,7 +335,7 @@ class ProcessTest(absltest.TestCase):
                     "print(fast_interpret.FastInterpretParams())",
                     env={"FAST_INTERPRET_FIDELITY": "fast",
                          "FAST_INTERPRET_UNINITIALIZED_MEMORY": "zero"})
-    self.assertIn("out_of_bounds_reads='uninitialized'", out)
+    self.assertIn("out_of_bounds_reads='clamp'", out)
     self.assertIn("check_semaphores=False", out)
     self.assertIn("uninitialized_memory='zero'", out)
 
@@ -350,7 +350,7 @@ class ProcessTest(absltest.TestCase):
                     "--fast_interpret_uninitialized_memory=nan",
                     env={"FAST_INTERPRET_FIDELITY": "checked",
                          "FAST_INTERPRET_UNINITIALIZED_MEMORY": "zero"})
-    self.assertIn("out_of_bounds_reads='uninitialized'", out)
+    self.assertIn("out_of_bounds_reads='clamp'", out)
     self.assertIn("uninitialized_memory='nan'", out)
     self.assertIn("\nFastInterpretParams\n", out)
 

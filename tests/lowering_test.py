@@ -171,7 +171,6 @@ class ParamsTest(chex.TestCase):
       ("skip_floating_point_ops", dict(skip_floating_point_ops=True)),
       ("grid_point_recorder",
        dict(grid_point_recorder=lambda *a: None)),
-      ("dma_on_wait", dict(dma_execution_mode="on_wait")),
   )
   def test_unsupported_fields_raise(self, kwargs):
     with self.assertRaisesRegex(ValueError, r"pltpu\.InterpretParams"):
