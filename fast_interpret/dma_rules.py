@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,14 +47,34 @@ def _nbytes(value) -> int:
   return math.prod(value.shape) * np.dtype(value.dtype).itemsize
 
 
+def _sem_view(ctx: RuleContext, state: KernelState, sem, core=None
+              ) -> tuple[RefHandle, tuple]:
+  """(handle, transforms) of a semaphore, on ``core``'s row if per core.
+
+  ``core`` defaults to the running core; a signal with ``core_index`` names
+  another one.
+  """
+  handle, transforms = _view(sem)
+  if not handle.per_core:
+    return handle, transforms
+  row = ctx.core_index if core is None else core
+  shape = state.read(handle.buffer_id).shape
+  if not isinstance(row, jax.core.Tracer):
+    row = int(row)  # A static row keeps the update a static slice.
+  indexer = _jax.NDIndexer.from_indices_shape(
+      (row,) + (slice(None),) * (len(shape) - 1),
+      shape)
+  return handle, (indexer, *transforms)
+
+
 def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
-                      what: str = "") -> KernelState:
+                      what: str = "", core=None) -> KernelState:
   """Adds ``amount`` to a semaphore; with checks, a negative count is an error.
 
   A count below zero means a wait asked for more than was (or ever will be,
   in this eager model) signalled: on a TPU that wait would hang.
   """
-  handle, transforms = _view(sem)
+  handle, transforms = _sem_view(ctx, state, sem, core)
   new, buf = views.update(
       state.read(handle.buffer_id), transforms,
       lambda v: (v + jnp.asarray(amount, jnp.int32),) * 2)
@@ -62,9 +83,15 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
     state = checks.record(
         state, ctx.sites, ctx.grid_step, jnp.any(new < 0),
         f"semaphore: {what} on {handle.name} waits for more than was "
-        "signalled (count would be {0}); on a TPU this wait never returns",
+        "signalled (count would be {0}); on a TPU this wait never returns"
+        + (_LOCKSTEP_HINT if ctx.lockstep is not None else ""),
         [jnp.min(new)])
   return state
+
+
+_LOCKSTEP_HINT = (
+    ", unless another core signals it later: simulated cores switch only at "
+    "waits, in core order (see docs/limitations.md, 'Multiple cores')")
 
 
 def _require_local(ctx: RuleContext, device_id, what: str) -> None:
@@ -122,16 +149,27 @@ def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
 @register_rule(_jax.semaphore_signal_p)
 def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
                            args_tree, device_id_type=None, **_):
-  """``pl.semaphore_signal``: adds ``inc`` to a local semaphore."""
+  """``pl.semaphore_signal``: adds ``inc`` to this or another core's semaphore.
+
+  ``core_index`` names a core of the same chip; the signal lands at once
+  (no latency is modelled). Cores only signal each other when they run in
+  lock step (cores.py), where semaphores have one row per core; with one
+  core, ``core_index`` can only be this core.
+  """
   del device_id_type
   sem, sem_transforms, inc, device_id, core_index = _jax.tree_unflatten(
       args_tree, flat)
   _require_local(ctx, device_id, "semaphore signal")
-  if core_index is not None:
-    raise errors.UnsupportedFeatureError(
-        "semaphore_signal with core_index", ctx.kernel_name)
   handle = sem.with_transforms(sem_transforms)
-  return _add_to_semaphore(ctx, state, handle, inc), []
+  if core_index is not None and not handle.per_core and (
+      ctx.lockstep is not None):
+    raise errors.UnsupportedFeatureError(
+        f"semaphore_signal with core_index on {handle.name}, which was "
+        "allocated inside a loop or conditional that the cores do not run in "
+        "lock step", ctx.kernel_name,
+        "Allocate the semaphore in scratch_shapes, or with pl.run_scoped at "
+        "the top level of the kernel.")
+  return _add_to_semaphore(ctx, state, handle, inc, core=core_index), []
 
 
 @register_rule(_jax.semaphore_wait_p)
@@ -150,7 +188,6 @@ def _semaphore_wait_rule(ctx: RuleContext, state: KernelState, *flat,
 def _semaphore_read_rule(ctx: RuleContext, state: KernelState, *flat,
                          args_tree):
   """``pl.semaphore_read``: the counter's current value."""
-  del ctx
   sem, sem_transforms = _jax.tree_unflatten(args_tree, flat)
-  handle, transforms = _view(sem.with_transforms(sem_transforms))
+  handle, transforms = _sem_view(ctx, state, sem.with_transforms(sem_transforms))
   return state, views.read(state.read(handle.buffer_id), transforms)

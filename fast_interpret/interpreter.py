@@ -61,6 +61,9 @@ class RuleContext:
     grid_step: the flat index of the current grid step, for error reports.
     check_bounds: whether ref, DMA and block indices are bounds-checked.
     check_semaphores: whether semaphore counts are checked.
+    core_index: the simulated core running this code (a static int), when
+      several cores run in lock step; None otherwise (see cores.py).
+    lockstep: the cores.Lockstep of a lock-step multi-core run, or None.
   """
 
   params: Any
@@ -75,6 +78,8 @@ class RuleContext:
   grid_step: Any = 0
   check_bounds: bool = False
   check_semaphores: bool = False
+  core_index: int | None = None
+  lockstep: Any = None
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -85,7 +90,7 @@ def _pallas_primitives() -> frozenset[_jax.Primitive]:
   return _jax.pallas_primitive_set()
 
 
-def _is_pure(eqn: _jax.JaxprEqn) -> bool:
+def is_pure(eqn: _jax.JaxprEqn) -> bool:
   if (eqn.primitive in _pallas_primitives()
       and not _jax.has_generic_lowering(eqn.primitive)):
     return False
@@ -112,22 +117,28 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   fencer = fences.Fencer(jaxpr, ctx.opaque_true)
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
-    invals = [read(v) for v in eqn.invars]
-    rule = _RULES.get(eqn.primitive)
-    with _jax.user_context(eqn.source_info.traceback,
-                           name_stack=eqn.source_info.name_stack):
-      if rule is not None:
-        state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
-                              *invals, **eqn.params)
-      elif _is_pure(eqn):
-        outvals = bind_pure(eqn, invals)
-      else:
-        raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
-    if not eqn.primitive.multiple_results:
-      outvals = [outvals]
+    state, outvals = eval_eqn(ctx, state, eqn, [read(v) for v in eqn.invars])
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
   return state, [read(v) for v in jaxpr.outvars]
+
+
+def eval_eqn(ctx: RuleContext, state: KernelState, eqn: _jax.JaxprEqn,
+             invals: Sequence[Any]) -> tuple[KernelState, list[Any]]:
+  """Simulates one equation; returns the new state and its output list."""
+  rule = _RULES.get(eqn.primitive)
+  with _jax.user_context(eqn.source_info.traceback,
+                         name_stack=eqn.source_info.name_stack):
+    if rule is not None:
+      state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
+                            *invals, **eqn.params)
+    elif is_pure(eqn):
+      outvals = bind_pure(eqn, invals)
+    else:
+      raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
+  if not eqn.primitive.multiple_results:
+    outvals = [outvals]
+  return state, outvals
 
 
 def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:
