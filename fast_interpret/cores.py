@@ -353,7 +353,15 @@ def _foldable(ctx: RuleContext, eqn, invals) -> bool:
     names = ctx.grid_names or ()
     return (eqn.params["axis_name"] in names and _concrete(
         ctx.program_ids[names.index(eqn.params["axis_name"])]))
-  return interpreter.is_pure(eqn) and all(_concrete(x) for x in invals)
+  return (interpreter.is_pure(eqn) and all(_concrete(x) for x in invals)
+          and all(_small_array(v.aval) for v in eqn.outvars))
+
+
+def _small_array(aval) -> bool:
+  dtype = getattr(aval, "dtype", None)
+  return (dtype is not None and not jax.dtypes.issubdtype(
+      dtype, jax.dtypes.extended)
+          and math.prod(getattr(aval, "shape", ())) <= _MAX_FOLDED_SIZE)
 
 
 def _cond_steps(ctx, state, eqn, invals):
