@@ -69,6 +69,8 @@ PallasMemorySpace = pallas_core.MemorySpace
 TPUMemorySpace = tpu_core.MemorySpace
 SemaphoreDtype = pallas_core.semaphore_dtype
 TPUCompilerParams = tpu_core.CompilerParams
+TensorCoreMesh = tpu_core.TensorCoreMesh
+jaxprs_in_params = core.jaxprs_in_params
 
 # Primitives with rules of our own.
 get_p = state_primitives.get_p

@@ -218,16 +218,20 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   Buffers start uninitialised (semaphores at zero) every time the scope is
   entered, as on TPU where the space is reused.
   """
-  if collective_axes:
+  if collective_axes and ctx.lockstep is not None:
+    # With one core a collective allocation is a plain one; several cores
+    # share it only where they run in lock step (cores.py).
     raise errors.UnsupportedFeatureError(
-        f"run_scoped with collective_axes={collective_axes}", ctx.kernel_name)
+        f"run_scoped with collective_axes={collective_axes} inside a loop or "
+        "conditional that the cores do not run in lock step", ctx.kernel_name,
+        "Allocate it at the top level of the kernel.")
   handles: list[Any] = []
   fresh = []
   for k, var in enumerate(jaxpr.invars):
     aval = var.aval
     inner = getattr(aval, "inner_aval", aval)
     space = scoped_memory_space(aval)
-    _check_scoped_space(ctx, space)
+    check_scoped_space(ctx, space)
     bid = ctx.fresh_buffer_id()
     fresh.append(bid)
     if space == "semaphore":
@@ -249,7 +253,7 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   return state.drop(fresh), outs
 
 
-def _check_scoped_space(ctx: RuleContext, space) -> None:
+def check_scoped_space(ctx: RuleContext, space) -> None:
   value = getattr(space, "value", space)
   if (isinstance(value, str) and value.lower() in ("any", "hbm")
       and not ctx.params.allow_hbm_allocation_in_run_scoped):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -83,8 +84,28 @@ def _add_where(amount, hit):
                                         jnp.int32(0)))
 
 
+def _sem_view(ctx: RuleContext, state: KernelState, sem, core=None
+              ) -> tuple[RefHandle, tuple]:
+  """(handle, transforms) of a semaphore, on ``core``'s row if per core.
+
+  ``core`` defaults to the running core; a signal with ``core_index`` names
+  another one.
+  """
+  handle, transforms = _view(sem)
+  if not handle.per_core:
+    return handle, transforms
+  row = ctx.core_index if core is None else core
+  shape = state.read(handle.buffer_id).shape
+  if not isinstance(row, jax.core.Tracer):
+    row = int(row)  # A static row keeps the update a static slice.
+  indexer = _jax.NDIndexer.from_indices_shape(
+      (row,) + (slice(None),) * (len(shape) - 1),
+      shape)
+  return handle, (indexer, *transforms)
+
+
 def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
-                      what: str = "") -> KernelState:
+                      what: str = "", core=None) -> KernelState:
   """Adds ``amount`` to a semaphore; with checks, a negative count is an error.
 
   A count below zero means a wait asked for more than was (or ever will be,
@@ -92,7 +113,7 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
   predicated conditional (remote ops in a branch) the check is deferred to
   the end of the grid step (see ``check_pending_waits``).
   """
-  handle, transforms = _view(sem)
+  handle, transforms = _sem_view(ctx, state, sem, core)
   new, buf = views.update(
       state.read(handle.buffer_id), transforms,
       lambda v: (v + jnp.asarray(amount, jnp.int32),) * 2)
@@ -103,7 +124,8 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
     state = checks.record(
         state, ctx.sites, ctx.grid_step, jnp.any(new < 0),
         f"semaphore: {what} on {handle.name} waits for more than was "
-        "signalled (count would be {0}); on a TPU this wait never returns",
+        "signalled (count would be {0}); on a TPU this wait never returns"
+        + (_LOCKSTEP_HINT if ctx.lockstep is not None else ""),
         [jnp.min(new)])
   return state
 
@@ -130,6 +152,12 @@ def check_pending_waits(ctx: RuleContext, state: KernelState, buffer_ids=None
         "more than was signalled by the end of the grid step (count {0}); "
         "on a TPU this wait never returns", [jnp.min(value)])
   return state
+
+
+_LOCKSTEP_HINT = (
+    ", unless another core signals it later: simulated cores switch only at "
+    "waits, in core order (see docs/limitations.md, 'Multiple cores')")
+
 
 
 @register_rule(_jax.dma_start_p, predicated=True)
@@ -230,17 +258,35 @@ def _dma_wait_rule(ctx: RuleContext, state: KernelState, *flat, tree,
 @register_rule(_jax.semaphore_signal_p, predicated=True)
 def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
                            args_tree, device_id_type=None, **_):
-  """``pl.semaphore_signal``: adds ``inc`` to a local or remote semaphore."""
+  """``pl.semaphore_signal``: adds ``inc`` to a semaphore of this core,
+  another core (``core_index``) or another device (``device_id``).
+
+  ``core_index`` names a core of the same chip; the signal lands at once
+  (no latency is modelled). Cores only signal each other when they run in
+  lock step (cores.py), where semaphores have one row per core; with one
+  core, ``core_index`` can only be this core. A remote signal is an exchange
+  between the devices of the mesh (remote.py).
+  """
   sem, sem_transforms, inc, device_id, core_index = _jax.tree_unflatten(
       args_tree, flat)
-  if core_index is not None:
-    raise errors.UnsupportedFeatureError(
-        "semaphore_signal with core_index", ctx.kernel_name)
   handle = sem.with_transforms(sem_transforms)
+  if core_index is not None and not handle.per_core and (
+      ctx.lockstep is not None):
+    raise errors.UnsupportedFeatureError(
+        f"semaphore_signal with core_index on {handle.name}, which was "
+        "allocated inside a loop or conditional that the cores do not run in "
+        "lock step", ctx.kernel_name,
+        "Allocate the semaphore in scratch_shapes, or with pl.run_scoped at "
+        "the top level of the kernel.")
   before = state
   if device_id is None:
-    state = _add_to_semaphore(ctx, state, handle, inc)
+    state = _add_to_semaphore(ctx, state, handle, inc, core=core_index)
     return interpreter.mask_inactive(ctx, before, state), []
+  if core_index is not None:
+    raise errors.UnsupportedFeatureError(
+        "semaphore_signal with both device_id and core_index",
+        ctx.kernel_name, "Signal another core of this device, or the same "
+        "core of another device.")
   target = remote.logical_id(ctx, device_id, device_id_type,
                              "semaphore signal")
   valid = remote.valid_flag(ctx)
@@ -284,7 +330,6 @@ def _semaphore_wait_rule(ctx: RuleContext, state: KernelState, *flat,
 def _semaphore_read_rule(ctx: RuleContext, state: KernelState, *flat,
                          args_tree):
   """``pl.semaphore_read``: the counter's current value."""
-  del ctx
   sem, sem_transforms = _jax.tree_unflatten(args_tree, flat)
-  handle, transforms = _view(sem.with_transforms(sem_transforms))
+  handle, transforms = _sem_view(ctx, state, sem.with_transforms(sem_transforms))
   return state, views.read(state.read(handle.buffer_id), transforms)

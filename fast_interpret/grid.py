@@ -33,6 +33,7 @@ import numpy as np
 
 from fast_interpret import _jax
 from fast_interpret import checks
+from fast_interpret import cores
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import inflight
@@ -197,6 +198,7 @@ def interpret_pallas_call(
     input_output_aliases: tuple[tuple[int, int], ...],
     interpret_params,
     compiler_params=None,
+    mesh=None,
     name: str | None = None,
     debug: bool = False,
     device_mesh=None,
@@ -273,16 +275,23 @@ def interpret_pallas_call(
     operands.append(op)
   in_ops, out_ops = operands[:gm.num_inputs], operands[gm.num_inputs:]
 
+  num_steps = math.prod(grid) if grid else 1
+  core_plan = cores.plan(grid, num_steps, compiler_params, interpret_params,
+                         mesh, jaxpr, kernel_name)
+  # In lock step every semaphore has one row per core (cores.py).
+  sem_rows = (core_plan.num_cores,) if core_plan.lockstep else ()
   scratch_handles = []
   for k, aval in enumerate(gm.scratch_avals):
     bid = ids.fresh()
     inner = getattr(aval, "inner_aval", aval)
     space = scoped_memory_space(aval)
     if space == "semaphore":
-      buffers[bid] = jnp.zeros(inner.shape, jnp.int32)
+      buffers[bid] = jnp.zeros(sem_rows + inner.shape, jnp.int32)
     else:
       buffers[bid] = uninitialized(inner.shape, storage_dtype(inner), fill)
-    scratch_handles.append(RefHandle(bid, space, f"scratch[{k}]"))
+    scratch_handles.append(RefHandle(bid, space, f"scratch[{k}]",
+                                     per_core=bool(sem_rows)
+                                     and space == "semaphore"))
 
   def handle(op: Operand) -> RefHandle:
     space = op.mapping.block_aval.memory_space
@@ -345,14 +354,11 @@ def interpret_pallas_call(
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores,
       mesh=device_mesh, in_flight=in_flight)
-  num_steps = math.prod(grid) if grid else 1
-  per_core = _steps_per_core(grid, num_steps, compiler_params,
-                             interpret_params.num_cores_or_threads,
-                             kernel_name)
+  per_core = core_plan.per_core
   plan, state = schedule.make(
       ctx, KernelState(buffers), grid, operands, len(in_ops),
       scalar_handles, written, _last_of_core(num_steps, per_core),
-      interpret_params.check_output_revisits)
+      interpret_params.check_output_revisits, core_plan.permutations)
   buffers = {**checks.flush(state).buffers, **plan.buffers}
   carried = ({op.hbm_id for op in out_ops}
              | {op.block_id for op in out_ops if op.block_id is not None}
@@ -363,7 +369,8 @@ def interpret_pallas_call(
              | {k for k in buffers if k < 0})
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
-  def step_fn(step, carry: dict[int, Any], last_step) -> dict[int, Any]:
+  def step_steps(step, carry: dict[int, Any], last_step, core=None):
+    """One grid step of one core, as a generator (see cores.py)."""
     state = KernelState({**invariant, **carry})
     ctx_here = dataclasses.replace(ctx, grid_step=step)
     state, row = plan.fetch(ctx_here, state, step)
@@ -375,17 +382,20 @@ def interpret_pallas_call(
                           _read_block(state.read(op.hbm_id), op, st))
     step_ctx = dataclasses.replace(
         ctx_here, program_ids=tuple(row.coords[d] for d in visible),
-        pending_waits=[])
+        pending_waits=[], core_index=core, lockstep=lockstep)
     before = state
     n_scalar = len(scalar_handles)
     step_args = list(kernel_args)
     for k, (op, idx) in enumerate(zip(operands, row.block_indices,
                                       strict=True)):
       step_args[n_scalar + k] = windowed(op, kernel_args[n_scalar + k], idx)
-    state, _ = interpreter.eval_jaxpr(step_ctx, state, jaxpr, (), step_args)
+    state, _ = yield from cores.eval_body(step_ctx, state, jaxpr, step_args)
     state = dma_rules.check_pending_waits(step_ctx, state)
-    interpreter.check_carried(before, state, carried | input_block_ids,
-                              f"kernel {kernel_name}")
+    # (In lock step, other cores change the shared buffers in between.)
+    interpreter.check_carried(
+        before, state, carried | input_block_ids
+        | (lockstep.shared_ids if lockstep else set()),
+        f"kernel {kernel_name}")
     # As on TPU, an output block goes back to HBM when the next step maps it
     # to another block, or when this core's last step is done.
     is_last = step == last_step
@@ -396,11 +406,22 @@ def interpret_pallas_call(
           state.read(op.hbm_id), op, starts[k], state.read(op.block_id),
           write))
     if check_semaphores:
-      state = _check_semaphores_released(ctx_here, state, checked_handles,
+      state = _check_semaphores_released(step_ctx, state, checked_handles,
                                          is_last)
     return checks.flush(state).subset(carried)
 
+  def step_fn(step, carry: dict[int, Any], last_step) -> dict[int, Any]:
+    return cores.run_alone(step_steps(step, carry, last_step))
+
   carry = {k: v for k, v in buffers.items() if k in carried}
+  shared_ids = ({op.hbm_id for op in operands} | set(plan.buffers)
+                | {h.buffer_id for h in scratch_handles
+                   if cores.is_shared_memory(h.memory_space)}
+                | ({checks.ERROR_ID} & carry.keys()))
+  lockstep = None
+  if core_plan.lockstep:
+    lockstep = cores.Lockstep(core_plan.num_cores, shared_ids | {
+        h.buffer_id for h in scratch_handles if h.per_core})
   if per_core is None:
     if isinstance(num_steps, int) and num_steps == 1:
       carry = step_fn(jnp.int32(0), carry, jnp.int32(0))
@@ -408,12 +429,11 @@ def interpret_pallas_call(
       last = jnp.asarray(num_steps, jnp.int32) - 1
       carry = lax.fori_loop(jnp.int32(0), last + 1,
                             lambda i, c: step_fn(i, c, last), carry)
+  elif lockstep is not None:
+    carry = cores.run_lockstep(step_steps, carry, buffers, per_core, lockstep)
   else:
-    carry = _run_cores(step_fn, carry, buffers, per_core, num_steps,
-                       interpret_params.num_cores_or_threads,
-                       shared_ids={op.hbm_id for op in operands}
-                       | set(plan.buffers)
-                       | ({checks.ERROR_ID} & carry.keys()))
+    carry = cores.run_sequential(step_fn, carry, buffers, per_core,
+                                 num_steps, core_plan.num_cores, shared_ids)
   if checks.ERROR_ID in carry:
     # Only a kernel that already communicates may add a collective: the
     # call itself could sit under a device-varying condition otherwise.
@@ -430,11 +450,14 @@ def _check_semaphores_released(ctx, state, scratch_handles, is_last):
   """Semaphores left non-zero when a core's last step ends are an error.
 
   Checked at each core's last grid step, so that every simulated core's own
-  semaphores are seen (they are private to the core).
+  semaphores are seen (they are private to the core, or its row of them in
+  lock step).
   """
   for h in scratch_handles:
     if h.is_semaphore:
       value = state.read(h.buffer_id)
+      if h.per_core:
+        value = value[ctx.core_index]
       state = checks.record(
           state, ctx.sites, ctx.grid_step, is_last & jnp.any(value != 0),
           f"semaphore: {h.name} is left at {{0}} when the kernel ends; every "
@@ -461,60 +484,6 @@ def _check_collective_id(compiler_params, kernel_name: str) -> None:
         "pltpu.get_barrier_semaphore() without a collective_id", kernel_name,
         "Mosaic needs one to pick the barrier semaphore: pass "
         "compiler_params=pltpu.CompilerParams(collective_id=0).")
-
-
-def _steps_per_core(grid, num_steps, compiler_params, num_cores: int,
-                    kernel_name: str) -> int | None:
-  """Grid steps each simulated core runs, or None for a single core.
-
-  As on a megacore TPU, the leading 'parallel' grid dimensions are split
-  into contiguous chunks, one per core; other dimensions run in order inside
-  each chunk.
-  """
-  if num_cores == 1:
-    return None
-  semantics = tuple(getattr(compiler_params, "dimension_semantics", None)
-                    or ())
-  parallel = [str(getattr(s, "value", s)).lower() in
-              ("parallel", "core_parallel") for s in semantics]
-  parallel += [False] * (len(grid) - len(parallel))
-  if any(p and not q for p, q in zip(parallel[1:], parallel, strict=False)):
-    raise errors.UnsupportedFeatureError(
-        f"parallel dimensions {semantics} that are not a prefix of the grid",
-        kernel_name, "Put the 'parallel' grid dimensions first.")
-  sizes = [g for g, p in zip(grid, parallel, strict=True) if p]
-  if not all(isinstance(g, int) for g in sizes) or not isinstance(
-      num_steps, int):
-    raise errors.UnsupportedFeatureError(
-        "several cores with a dynamic grid", kernel_name,
-        "Use num_cores_or_threads=1 with dynamic grid bounds.")
-  subgrid = math.prod(sizes)
-  points_per_core = -(-subgrid // num_cores)
-  return points_per_core * (num_steps // subgrid)
-
-
-def _run_cores(step_fn, carry, initial, per_core: int, num_steps: int,
-               num_cores: int, shared_ids) -> dict[int, Any]:
-  """Runs the cores one after another; only HBM is shared between them.
-
-  (The error word and the revisit tables are shared too: they describe the
-  whole call, not one core.)
-
-  Each core starts with fresh copies of its VMEM/SMEM buffers, scratch and
-  semaphores (scalar-prefetch operands are copied to every core's SMEM).
-  """
-  shared = {k: v for k, v in carry.items() if k in shared_ids}
-  private = {k: initial[k] for k in carry if k not in shared_ids}
-
-  def core_fn(core, shared):
-    start = core * per_core
-    stop = jnp.minimum(start + per_core, num_steps)
-    out = lax.fori_loop(start, stop, lambda i, c: step_fn(i, c, stop - 1),
-                        {**shared, **private})
-    return {k: out[k] for k in shared}
-
-  shared = lax.fori_loop(jnp.int32(0), jnp.int32(num_cores), core_fn, shared)
-  return {**carry, **shared}
 
 
 def _block_id(mapping, ids: BufferIds) -> int | None:

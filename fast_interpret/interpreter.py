@@ -91,6 +91,9 @@ class RuleContext:
       later branch sends (control_rules).
     in_flight: with ``dma_execution_mode="on_wait"``, the companion buffers
       (``inflight.InFlight``) of each DMA destination buffer id in scope.
+    core_index: the simulated core running this code (a static int), when
+      several cores run in lock step; None otherwise (see cores.py).
+    lockstep: the cores.Lockstep of a lock-step multi-core run, or None.
   """
 
   params: Any
@@ -110,6 +113,8 @@ class RuleContext:
   pending_waits: list | None = None
   defer_waits: bool = False
   in_flight: Mapping[int, Any] = dataclasses.field(default_factory=dict)
+  core_index: int | None = None
+  lockstep: Any = None
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -130,7 +135,7 @@ def _pallas_primitives() -> frozenset[_jax.Primitive]:
   return _jax.pallas_primitive_set()
 
 
-def _is_pure(eqn: _jax.JaxprEqn) -> bool:
+def is_pure(eqn: _jax.JaxprEqn) -> bool:
   if (eqn.primitive in _pallas_primitives()
       and not _jax.has_generic_lowering(eqn.primitive)):
     return False
@@ -157,22 +162,7 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   fencer = fences.Fencer(jaxpr, ctx.opaque_true)
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
-    invals = [read(v) for v in eqn.invars]
-    rule = _RULES.get(eqn.primitive)
-    with _jax.user_context(eqn.source_info.traceback,
-                           name_stack=eqn.source_info.name_stack):
-      if rule is not None:
-        before = state
-        state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
-                              *invals, **eqn.params)
-        if eqn.primitive not in _PREDICATED:
-          state = mask_inactive(ctx, before, state)
-      elif _is_pure(eqn):
-        outvals = bind_pure(eqn, invals)
-      else:
-        raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
-    if not eqn.primitive.multiple_results:
-      outvals = [outvals]
+    state, outvals = eval_eqn(ctx, state, eqn, [read(v) for v in eqn.invars])
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
   return state, [read(v) for v in jaxpr.outvars]
@@ -194,6 +184,27 @@ def mask_inactive(ctx: RuleContext, before: KernelState, after: KernelState
   pending = after.pending[:n] + tuple(
       (failed & ctx.active, word) for failed, word in after.pending[n:])
   return dataclasses.replace(after.with_buffers(kept), pending=pending)
+
+
+def eval_eqn(ctx: RuleContext, state: KernelState, eqn: _jax.JaxprEqn,
+             invals: Sequence[Any]) -> tuple[KernelState, list[Any]]:
+  """Simulates one equation; returns the new state and its output list."""
+  rule = _RULES.get(eqn.primitive)
+  with _jax.user_context(eqn.source_info.traceback,
+                         name_stack=eqn.source_info.name_stack):
+    if rule is not None:
+      before = state
+      state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
+                            *invals, **eqn.params)
+      if eqn.primitive not in _PREDICATED:
+        state = mask_inactive(ctx, before, state)
+    elif is_pure(eqn):
+      outvals = bind_pure(eqn, invals)
+    else:
+      raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
+  if not eqn.primitive.multiple_results:
+    outvals = [outvals]
+  return state, outvals
 
 
 def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:

@@ -40,8 +40,9 @@ class FastInterpretParams(_jax.InterpretParams):
   ``jax.shard_map``, remote DMAs, remote signals and barrier semaphores
   between devices that run in lockstep.
 
-  What is not modelled: race detection, real DMA latency and overlap, cross-
-  core timing, devices out of step, hardware PRNG bit streams, exact TPU float rounding of
+  What is not modelled: race detection, real DMA latency and overlap,
+  concurrent cores (they run in turn, see ``num_cores_or_threads``), devices
+  out of step, hardware PRNG bit streams, exact TPU float rounding of
   transcendental functions.
 
   Defaults of the fidelity fields come from absl flags and environment
@@ -68,11 +69,17 @@ class FastInterpretParams(_jax.InterpretParams):
       shows up; ``"zero"`` fills with zeros.
     detect_races: must be False: race detection is not modelled.
     num_cores_or_threads: simulated TensorCores per device (default 1). With
-      more than one, the leading 'parallel' grid dimensions are split into
-      contiguous chunks, one per core, as on a megacore TPU; each core has
-      its own VMEM, SMEM (scalar prefetch is copied to each), scratch and
-      semaphores, and HBM is shared. Cores run one after another, not in
-      lock step.
+      more than one, the leading 'parallel' / 'core_parallel' grid
+      dimensions are split into contiguous chunks, one per core, as on a
+      megacore TPU; each core has its own VMEM, SMEM (scalar prefetch is
+      copied to each), scratch and semaphores, while HBM and
+      ``pltpu.VMEM_SHARED`` are shared. A ``pl.core_map`` / ``pl.kernel``
+      over ``pltpu.create_tensorcore_mesh(..., num_cores=N)`` runs on N
+      cores whatever this field says. Cores run one after another, unless
+      they signal each other (``pltpu.core_barrier``,
+      ``pl.semaphore_signal(..., core_index=)``): then they run in lock
+      step, switching at every semaphore wait (see ``fast_interpret.cores``);
+      a wait that this schedule cannot satisfy raises instead of hanging.
     skip_floating_point_ops: must be False.
     out_of_bounds_reads: ``"raise"`` (default) checks every ref index, DMA
       slice and block index against its buffer and raises
@@ -99,7 +106,13 @@ class FastInterpretParams(_jax.InterpretParams):
       visit starts from a stale VMEM buffer. Outputs with ``pl.Element``
       block dimensions are not checked.
     grid_point_recorder: must be None (it would need a host callback).
-    random_seed: accepted; grid order is deterministic in this mode.
+    random_seed: None (default) runs the grid in row-major order. An int
+      visits the coordinates of every 'parallel' / 'core_parallel' grid
+      dimension in a random order, the same for the same seed (a NumPy
+      permutation made while tracing), as ``pltpu.InterpretParams`` does;
+      a kernel that depends on the order of its parallel steps then gives
+      different results for different seeds. Not applied to core_map
+      meshes (each core runs its own index).
     allow_hbm_allocation_in_run_scoped: if True, ``pl.run_scoped`` may allocate
       HBM buffers (the TPU cannot).
     buffer_bounds: accepted for compatibility; bounds are logical shapes.

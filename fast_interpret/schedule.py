@@ -135,7 +135,8 @@ class TableSchedule:
   @classmethod
   def build(cls, ctx, state: KernelState, grid: Sequence[int], operands,
             num_inputs: int, scalar_handles, last_of_core: np.ndarray,
-            check_revisits: bool) -> tuple[TableSchedule, KernelState]:
+            check_revisits: bool, permutations=()
+            ) -> tuple[TableSchedule, KernelState]:
     """Evaluates the index maps for every step and checks them.
 
     Args:
@@ -147,6 +148,7 @@ class TableSchedule:
       scalar_handles: the scalar-prefetch refs index maps may read.
       last_of_core: bool per step, True at each simulated core's last step.
       check_revisits: whether output write-backs are checked for revisits.
+      permutations: per grid dimension, None or the order of its coordinates.
 
     Returns:
       The schedule and the state with any failed check recorded.
@@ -155,6 +157,9 @@ class TableSchedule:
     steps = np.arange(num_steps, dtype=np.int32)
     coords = (np.stack(np.unravel_index(steps, tuple(grid)), axis=1)
               .astype(np.int32) if grid else np.zeros((1, 0), np.int32))
+    for d, perm in enumerate(permutations):
+      if perm is not None:
+        coords[:, d] = np.asarray(perm)[coords[:, d]]
     indices, state = _eval_all(ctx, state, operands, steps, coords,
                                scalar_handles)
     xp = np if all(isinstance(t, np.ndarray) for t in indices) else jnp
@@ -191,8 +196,12 @@ class TableSchedule:
 
   def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
     del ctx
-    row = lax.dynamic_index_in_dim(jnp.asarray(self._table), step,
-                                   keepdims=False)
+    if isinstance(step, int) and isinstance(self._table, np.ndarray):
+      # A step known while tracing (lock-step cores): ints known too.
+      row = [int(v) for v in self._table[step]]
+    else:
+      row = lax.dynamic_index_in_dim(jnp.asarray(self._table), step,
+                                     keepdims=False)
     coords = tuple(row[d] for d in range(self._num_coords))
     indices = [tuple(row[c] for c in range(s.start, s.stop))
                for s in self._index_cols]
@@ -208,8 +217,9 @@ class StepwiseSchedule:
   """Index maps evaluated inside the loop, for the current and next step."""
 
   def __init__(self, ctx, grid, operands, num_inputs: int, scalar_handles,
-               check_revisits: bool):
+               check_revisits: bool, permutations=()):
     self._grid = grid
+    self._permutations = permutations
     self._operands = operands
     self._num_inputs = num_inputs
     self._scalars = scalar_handles
@@ -231,7 +241,7 @@ class StepwiseSchedule:
     return state, indices
 
   def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
-    coords = unravel(step, self._grid) if self._grid else ()
+    coords = unravel(step, self._grid, self._permutations)
     state, indices = self._indices(ctx, state, coords)
     if ctx.check_bounds:
       for op, idx in zip(self._operands, indices, strict=True):
@@ -245,7 +255,7 @@ class StepwiseSchedule:
     return state, Row(coords, indices)
 
   def write_backs(self, ctx, state, step, row: Row, is_last):
-    next_coords = unravel(step + 1, self._grid) if self._grid else ()
+    next_coords = unravel(step + 1, self._grid, self._permutations)
     # After the last step the next coordinates lie outside the grid: their
     # index-map reads are not checked (``is_last`` decides that write).
     _, nxt = self._indices(ctx, state, next_coords)
@@ -275,32 +285,39 @@ class StepwiseSchedule:
     return state.write(visited_id, new)
 
 
-def unravel(step, grid: Sequence[Any]) -> tuple[Any, ...]:
+def unravel(step, grid: Sequence[Any], permutations=()) -> tuple[Any, ...]:
+  """Grid coordinates of a flat step (row-major, then permuted)."""
   coords = []
   for size in reversed(grid):
     coords.append(lax.rem(step, jnp.asarray(size, jnp.int32)))
     step = lax.div(step, jnp.asarray(size, jnp.int32))
-  return tuple(reversed(coords))
+  coords = tuple(reversed(coords))
+  return tuple(c if p is None else jnp.asarray(p)[c] for c, p in
+               zip(coords, permutations or (None,) * len(coords), strict=True))
 
 
 def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
          written: set[int], last_of_core: np.ndarray | None,
-         check_revisits: bool):
+         check_revisits: bool, permutations=None):
   """The schedule for this call: a table where possible (see module doc).
 
   Args:
     last_of_core: bool per step, True at each core's last step; None when
       the number of steps is not static.
+    permutations: per grid dimension, None or the order in which its
+      coordinates run (``random_seed``, see cores.py).
   """
+  permutations = tuple(permutations or (None,) * len(grid))
   static = (last_of_core is not None and len(last_of_core) <= MAX_TABLE_STEPS
             and all(isinstance(g, (int, np.integer)) for g in grid))
   reads_written = any(h.buffer_id in written for h in scalar_handles) and any(
       _reads_refs(op) for op in operands)
   if static and not reads_written:
     return TableSchedule.build(ctx, state, grid, operands, num_inputs,
-                               scalar_handles, last_of_core, check_revisits)
+                               scalar_handles, last_of_core, check_revisits,
+                               permutations)
   schedule = StepwiseSchedule(ctx, grid, operands, num_inputs,
-                              scalar_handles, check_revisits)
+                              scalar_handles, check_revisits, permutations)
   return schedule, state
 
 

@@ -35,12 +35,16 @@ class RefHandle:
       "semaphore").
     name: the operand name used in error messages.
     transforms: ref transforms (NDIndexer, bitcast, reshape) applied in order.
+    per_core: the buffer holds one row per simulated core (semaphores of
+      cores run in lock step, which other cores can signal); the row of
+      the running core is selected before ``transforms`` apply.
   """
 
   buffer_id: int
   memory_space: Any
   name: str
   transforms: tuple[Any, ...] = ()
+  per_core: bool = False
 
   def with_transforms(self, transforms) -> RefHandle:
     if not transforms:
