@@ -271,3 +271,10 @@ def bound_axis_names() -> frozenset:
 def jaxprs_in_params(params):
   """The jaxprs nested in an equation's parameters."""
   return core.jaxprs_in_params(params)
+
+
+def tpu_interpret_source() -> str:
+  """Source of JAX's TPU interpret mode evaluator (for the support table)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
+  return inspect.getsource(interpret_pallas_call)

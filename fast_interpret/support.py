@@ -21,7 +21,6 @@ real kernels, see the benchmarks).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 
 from fast_interpret import _jax
@@ -38,8 +37,7 @@ class Row:
 
 
 def _tpu_mode_names() -> set[str]:
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_mode  # pylint: disable=g-import-not-at-top
-  source = inspect.getsource(tpu_mode)
+  source = _jax.tpu_interpret_source()
   return set(re.findall(r"prim is (?:\w+\.)*(\w+)_p\b", source))
 
 
