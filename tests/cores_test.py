@@ -25,12 +25,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, REGULAR  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, REGULAR  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
-REGULAR = pltpu.SemaphoreType.REGULAR
 ROWS = 8  # Rows of the array each core owns.
 
 

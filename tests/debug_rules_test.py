@@ -23,11 +23,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds, FI  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds, FI  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
 X = jnp.arange(16 * 128, dtype=jnp.float32).reshape(16, 128)
 
 

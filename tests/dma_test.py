@@ -25,17 +25,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, SMEM, ANY, HBM, DMA, REGULAR  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, SMEM, ANY, HBM, DMA, REGULAR  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
-VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
-SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
-ANY = pl.BlockSpec(memory_space=pl.ANY)
-HBM = pl.BlockSpec(memory_space=pltpu.HBM)
-DMA = pltpu.SemaphoreType.DMA
-REGULAR = pltpu.SemaphoreType.REGULAR
 
 
 X = _data((16, 128))

@@ -4,10 +4,21 @@ import unittest
 
 import jax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+
+
+# Shorthands the feature test modules share.
+FI = fast_interpret.FastInterpretParams
+VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
+SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
+ANY = pl.BlockSpec(memory_space=pl.ANY)
+HBM = pl.BlockSpec(memory_space=pltpu.HBM)
+DMA = pltpu.SemaphoreType.DMA
+REGULAR = pltpu.SemaphoreType.REGULAR
 
 
 def setUpModule():

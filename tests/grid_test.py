@@ -31,18 +31,12 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, SMEM, ANY, DMA, REGULAR  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, SMEM, ANY, DMA, REGULAR  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
 ZERO = FI(uninitialized_memory="zero")
 NAN = FI(uninitialized_memory="nan")
-VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
-SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
-ANY = pl.BlockSpec(memory_space=pl.ANY)
-DMA = pltpu.SemaphoreType.DMA
-REGULAR = pltpu.SemaphoreType.REGULAR
 
 
 def _pid_code(ndim):

@@ -28,14 +28,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, ANY, DMA  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, ANY, DMA  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
-VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
-ANY = pl.BlockSpec(memory_space=pl.ANY)
-DMA = pltpu.SemaphoreType.DMA
 MODES = (("eager", "eager"), ("on_wait", "on_wait"))
 
 

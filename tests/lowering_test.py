@@ -29,11 +29,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, FI, VMEM, ANY  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, FI, VMEM, ANY  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
 
 
 def _pure(**kw):
@@ -52,8 +51,6 @@ def _pure(**kw):
   return FI(**kw)
 
 
-ANY = pl.BlockSpec(memory_space=pl.ANY)
-VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
 
 _CALLBACK_MARKERS = ("callback", "xla_python", "host_callback")
 

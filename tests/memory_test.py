@@ -27,9 +27,9 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, SMEM, ANY  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds, call as _call, data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, call as _call, data as _data, FI, VMEM, SMEM, ANY  # pylint: disable=g-import-not-at-top,unused-import
 
 # `pl.load` / `pl.store` (the masked_load / masked_swap primitives with
 # `other`) are not re-exported by jax 0.10.2's public `pallas` module.
@@ -41,11 +41,7 @@ try:
 except ImportError:  # pragma: no cover
   _pl_load = _pl_store = None
 
-FI = fast_interpret.FastInterpretParams
 ZERO = FI(uninitialized_memory="zero")
-VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
-SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
-ANY = pl.BlockSpec(memory_space=pl.ANY)
 
 
 def _np(x):

@@ -26,12 +26,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds, data  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds, data, FI, ANY  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds, data  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds, data, FI, ANY  # pylint: disable=g-import-not-at-top,unused-import
 
-ANY = pl.BlockSpec(memory_space=pl.ANY)
-FI = fast_interpret.FastInterpretParams
 X16 = data((16, 128))
 
 

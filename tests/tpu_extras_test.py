@@ -18,11 +18,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds, FI  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds, FI  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
 _DTYPES = [("int4", jnp.int4), ("uint4", jnp.uint4), ("int8", jnp.int8),
            ("uint8", jnp.uint8), ("f8_e5m2", jnp.float8_e5m2),
            ("f8_e4m3fn", jnp.float8_e4m3fn), ("bf16", jnp.bfloat16)]

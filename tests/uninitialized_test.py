@@ -28,15 +28,10 @@ import numpy as np
 import fast_interpret
 
 try:
-  from tests.feature_util import setUpModule, sds as _sds, call as _call  # pylint: disable=g-import-not-at-top,unused-import
+  from tests.feature_util import setUpModule, sds as _sds, call as _call, FI, VMEM, SMEM, ANY, DMA  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
-  from feature_util import setUpModule, sds as _sds, call as _call  # pylint: disable=g-import-not-at-top,unused-import
+  from feature_util import setUpModule, sds as _sds, call as _call, FI, VMEM, SMEM, ANY, DMA  # pylint: disable=g-import-not-at-top,unused-import
 
-FI = fast_interpret.FastInterpretParams
-VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
-SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
-ANY = pl.BlockSpec(memory_space=pl.ANY)
-DMA = pltpu.SemaphoreType.DMA
 
 ROWS, LANES = 16, 128
 
