@@ -365,6 +365,88 @@ def _report(ctx, state, failures, xp):
   return state
 
 
+class _NotNumpy(Exception):
+  """An index map uses a primitive the NumPy evaluator does not know."""
+
+
+def _trunc_div(a, b):
+  """``lax.div`` on integers: rounds toward zero, like C."""
+  q = np.abs(a) // np.abs(b)
+  return np.where((a < 0) != (b < 0), -q, q)
+
+
+def _select_n(which, *cases):
+  which = np.asarray(which).astype(np.int64)
+  return np.choose(which, np.broadcast_arrays(*cases))
+
+
+_NUMPY_RULES = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply,
+    "neg": np.negative, "abs": np.abs, "sign": np.sign,
+    "max": np.maximum, "min": np.minimum,
+    "div": _trunc_div, "rem": np.fmod,
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+    "gt": np.greater, "ge": np.greater_equal,
+    "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor,
+    "not": np.invert, "select_n": _select_n,
+    "clamp": lambda lo, x, hi: np.clip(x, lo, hi),
+}
+
+
+def _numpy_eval(jaxpr, consts, args):
+  """Evaluates a ref-free integer index map on NumPy arrays (one per step).
+
+  Eager JAX ops would compile one small XLA program per primitive on the
+  first call (about 30 ms each); NumPy needs none. Raises _NotNumpy for
+  anything but elementwise integer arithmetic.
+  """
+  env = {}
+
+  def read(atom):
+    return np.asarray(atom.val) if isinstance(atom, _jax.Literal) else env[atom]
+
+  for var, val in zip(jaxpr.constvars, consts, strict=True):
+    env[var] = np.asarray(val)
+  for var, val in zip(jaxpr.invars, args, strict=True):
+    env[var] = val
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in ("jit", "pjit", "closed_call", "core_call") and "jaxpr" in eqn.params:
+      closed = eqn.params["jaxpr"]
+      inner = getattr(closed, "jaxpr", closed)
+      outs = _numpy_eval(inner, getattr(closed, "consts", ()), invals)
+    elif name == "convert_element_type":
+      outs = [invals[0].astype(eqn.params["new_dtype"])]
+    elif name in _NUMPY_RULES and not any(
+        np.asarray(v).dtype.kind == "f" for v in invals):
+      outs = [_NUMPY_RULES[name](*invals)]
+    else:
+      raise _NotNumpy(name)
+    for var, val in zip(eqn.outvars, outs, strict=True):
+      if np.shape(val) not in ((), np.shape(args[0]) if args and args[0]
+                               is not None else ()):
+        raise _NotNumpy(name)
+      env[var] = np.asarray(val)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _numpy_tables(operands, coords):
+  """The block index tables of ref-free index maps, computed with NumPy."""
+  n = coords.shape[0]
+  columns = [coords[:, d] for d in range(coords.shape[1])]
+  tables = []
+  for op in operands:
+    closed = op.mapping.index_map_jaxpr
+    # Scalar-prefetch refs follow the coordinates; these maps never read them.
+    unused = [None] * (len(closed.jaxpr.invars) - len(columns))
+    outs = _numpy_eval(closed.jaxpr, closed.consts, columns + unused)
+    tables.append(np.stack([np.broadcast_to(o, (n,)).astype(np.int32)
+                            for o in outs], axis=1) if outs
+                  else np.zeros((n, 0), np.int32))
+  return tables
+
+
 def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
   """Every operand's block indices at every step: [num_steps, ndim] each."""
   # Index maps see only the scalar-prefetch buffers and a fresh error word,
@@ -390,6 +472,10 @@ def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
   if any(_reads_refs(op) for op in operands):
     tables, words = jax.vmap(one)(jnp.asarray(steps), jnp.asarray(coords))
   else:
+    try:
+      return _numpy_tables(operands, coords), state
+    except _NotNumpy:
+      pass
     # Evaluated now, on concrete values. Outside any enclosing mesh: inside
     # a shard_map body the manual mesh would be given to the eager arrays.
     with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(

@@ -192,6 +192,46 @@ class RunTimeTableTest(chex.TestCase):
         out, jnp.concatenate([X[3:11], X[24:32]]))
 
 
+class NumpyIndexMapTest(parameterized.TestCase):
+  """Ref-free index maps are tabulated with NumPy; they must agree with JAX."""
+
+  @parameterized.named_parameters(
+      ("floor_div_and_mod", lambda i, j: (i // 3, j % 4)),
+      ("negative_operands", lambda i, j: ((i - 7) // 2, (j - 5) % 3)),
+      ("lax_div_rem", lambda i, j: (jax.lax.div(i - 6, 4),
+                                    jax.lax.rem(j - 6, 4))),
+      ("where_min_max", lambda i, j: (jnp.where(i > j, i, j),
+                                      jnp.minimum(jnp.maximum(i - 2, 0), 5))),
+      ("clip_and_constant", lambda i, j: (jnp.clip(i * 3 - j, 0, 9), 2)),
+      ("bool_logic", lambda i, j: (((i > 2) & (j < 3)).astype(jnp.int32),
+                                   (~(i == j)).astype(jnp.int32))),
+  )
+  def test_matches_jax(self, index_map):
+    from fast_interpret import schedule  # pylint: disable=g-import-not-at-top
+    i, j = np.meshgrid(np.arange(-4, 12, dtype=np.int32),
+                       np.arange(-4, 12, dtype=np.int32), indexing="ij")
+    i, j = i.ravel(), j.ravel()
+    closed = jax.make_jaxpr(index_map)(jnp.int32(0), jnp.int32(0))
+    got = schedule._numpy_eval(closed.jaxpr, closed.consts, [i, j])  # pylint: disable=protected-access
+    want = jax.vmap(index_map)(jnp.asarray(i), jnp.asarray(j))
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.broadcast_to(g, i.shape), w)
+
+  def test_float_index_map_falls_back_to_jax(self):
+    from fast_interpret import schedule  # pylint: disable=g-import-not-at-top
+    closed = jax.make_jaxpr(
+        lambda i: ((i * 0.5).astype(jnp.int32),))(jnp.int32(0))
+    with self.assertRaises(schedule._NotNumpy):  # pylint: disable=protected-access
+      schedule._numpy_eval(closed.jaxpr, closed.consts,  # pylint: disable=protected-access
+                           [np.arange(4, dtype=np.int32)])
+    # The kernel still runs (the JAX path tabulates it).
+    call = _static_call(lambda i: ((i * 0.5).astype(jnp.int32), 0),
+                        lambda i: ((i * 0.5).astype(jnp.int32), 0), (4,),
+                        FI())
+    want = _pipeline_reference(X[:16], [0, 0, 1, 1], [0, 0, 1, 1], 16)
+    np.testing.assert_array_equal(call(X[:16]), want)
+
+
 class StepwiseTest(chex.TestCase):
   """Schedules that cannot be tabulated: index maps run inside the loop."""
 
