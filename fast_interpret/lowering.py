@@ -64,6 +64,11 @@ def install() -> None:
 
   set_effects(effects)
   _jax.register_simulated_tpu("cpu", SIMULATED_CHIP)
+  # The interpreter and its rule modules are imported here, with the
+  # package, rather than at the first kernel: their import (and, without
+  # cached bytecode, their compilation) then does not land in the first
+  # call's time. grid.py imports every rule module.
   from fast_interpret import debug_rules  # pylint: disable=g-import-not-at-top
+  from fast_interpret import grid  # pylint: disable=g-import-not-at-top,unused-import
   debug_rules.install()
   _installed = True
