@@ -31,6 +31,7 @@ maps inside the loop with the same checks per step.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -46,6 +47,9 @@ from fast_interpret.state import KernelState
 # A table row costs 4 bytes per column; beyond this many steps the table
 # would outweigh what it saves, and index maps are evaluated per step.
 MAX_TABLE_STEPS = 1 << 20
+# Run-time revisit checks scatter into a table of an output's blocks up to
+# this size; beyond it they sort the steps' block keys instead.
+_MAX_SCATTER_BLOCKS = 1 << 22
 
 
 def block_limits(op) -> tuple[int, ...]:
@@ -233,16 +237,19 @@ class StepwiseSchedule:
         self.visited[k] = ctx.fresh_buffer_id()
         self.buffers[self.visited[k]] = jnp.zeros(revisit_grid(op), bool)
 
-  def _indices(self, ctx, state, coords):
-    indices = []
-    for op in self._operands:
-      state, out = eval_index_map(ctx, state, op, coords, self._scalars)
-      indices.append(tuple(out))
+  def _indices(self, ctx, state, coords, positions=None):
+    """Block indices of the operands at ``positions`` (default: all)."""
+    indices = {}
+    for k, op in enumerate(self._operands):
+      if positions is None or k in positions:
+        state, out = eval_index_map(ctx, state, op, coords, self._scalars)
+        indices[k] = tuple(out)
     return state, indices
 
   def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
     coords = unravel(step, self._grid, self._permutations)
-    state, indices = self._indices(ctx, state, coords)
+    state, found = self._indices(ctx, state, coords)
+    indices = [found[k] for k in range(len(self._operands))]
     if ctx.check_bounds:
       for op, idx in zip(self._operands, indices, strict=True):
         if op.block_id is None:
@@ -256,13 +263,15 @@ class StepwiseSchedule:
 
   def write_backs(self, ctx, state, step, row: Row, is_last):
     next_coords = unravel(step + 1, self._grid, self._permutations)
-    # After the last step the next coordinates lie outside the grid: their
-    # index-map reads are not checked (``is_last`` decides that write).
-    _, nxt = self._indices(ctx, state, next_coords)
+    outputs = [k for k, op in enumerate(self._operands)
+               if k >= self._num_inputs and op.block_id is not None]
+    # Only the outputs' next blocks decide anything. After the last step the
+    # next coordinates lie outside the grid: their index-map reads are not
+    # checked (``is_last`` decides that write).
+    _, nxt = self._indices(ctx, state, next_coords, set(outputs))
     writes = {}
-    for k, op in enumerate(self._operands):
-      if k < self._num_inputs or op.block_id is None:
-        continue
+    for k in outputs:
+      op = self._operands[k]
       changed = False
       for a, b in zip(row.block_indices[k], nxt[k], strict=True):
         changed = changed | (jnp.asarray(a) != jnp.asarray(b))
@@ -327,6 +336,14 @@ def _revisits(t, shape, write, xp):
   key = xp.zeros(t.shape[0], np.int32)
   for c, n in zip(clipped, shape, strict=True):
     key = key * n + c
+  num_blocks = math.prod(shape)
+  if xp is jnp and num_blocks <= _MAX_SCATTER_BLOCKS:
+    # At run time a scatter-min (each block's first write-back step) and a
+    # gather are far cheaper to compile than a sort.
+    steps = jnp.arange(t.shape[0], dtype=jnp.int32)
+    first = jnp.full((num_blocks,), t.shape[0], jnp.int32).at[key].min(
+        jnp.where(write, steps, t.shape[0]))
+    return write & (first[key] != steps)
   # Steps that write nothing get distinct keys that no block has.
   key = xp.where(write, key, -1 - xp.arange(t.shape[0], dtype=np.int32))
   order = (np.argsort(key, kind="stable") if xp is np
@@ -354,15 +371,23 @@ def _report(ctx, state, failures, xp):
       _, template, values = failures[k]
       checks.raise_static(ctx.sites, template, list(values[step]), step)
     return state
-  for bad, template, values in failures:
-    step = jnp.argmax(bad)
-    row = lax.dynamic_index_in_dim(values, step, keepdims=False)
-    # Flushed one by one: these records concern different steps, and only
-    # the word (not a pending run) orders records by step.
-    state = checks.flush(checks.record(
-        state, ctx.sites, step, jnp.any(bad), template,
-        [row[i] for i in range(values.shape[1])]))
-  return state
+  if not failures:
+    return state
+  # A pending run orders records by position, not by step: so only the
+  # failures at the earliest failing step are recorded, and one flush folds
+  # them (the first listed wins a tie, as above).
+  never = jnp.int32(np.iinfo(np.int32).max)
+  firsts = [jnp.where(jnp.any(bad), jnp.argmax(bad).astype(jnp.int32), never)
+            for bad, _, _ in failures]
+  earliest = firsts[0]
+  for first in firsts[1:]:
+    earliest = jnp.minimum(earliest, first)
+  for (_, template, values), first in zip(failures, firsts, strict=True):
+    row = lax.dynamic_index_in_dim(values, first, keepdims=False)
+    state = checks.record(state, ctx.sites, first,
+                          (first == earliest) & (first != never), template,
+                          [row[i] for i in range(values.shape[1])])
+  return checks.flush(state)
 
 
 class _NotNumpy(Exception):

@@ -156,6 +156,20 @@ class RunTimeTableTest(chex.TestCase):
       jax.block_until_ready(call(_i32(0, 4, 0, 1), X))
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_earliest_table_error_wins(self):
+    # The input's block index is out of bounds at step 3; the output's
+    # revisit (checked after the inputs' bounds) happens at step 2.
+    call = self.variant(_prefetch_call(16, (4,), FI()))
+    with self.assertRaisesRegex(
+        Exception, REVISIT + r": block \[0, 0\].*grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1, 2, 9, 0, 1, 0, 1), X))
+    # With the revisit gone, the out-of-bounds input at step 3 is reported.
+    with self.assertRaisesRegex(
+        Exception, OOB + r": the index map of .* selects block \[9, 0\].*"
+        r"grid step 3\)"):
+      jax.block_until_ready(call(_i32(0, 1, 2, 9, 0, 0, 1, 1), X))
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_index_map_smem_read_out_of_bounds(self):
     # The input index map reads s[2 * i + 1]: past the end at step 2.
     call = self.variant(_prefetch_call(
