@@ -40,6 +40,7 @@ from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret import remote
 from fast_interpret import schedule
+from fast_interpret import views
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   scoped_memory_space, storage_dtype,
                                   uninitialized)
@@ -166,25 +167,45 @@ def _from_storage(x, op: Operand):
   return lax.bitcast_convert_type(x, dtype)
 
 
-def _read_block(hbm, op: Operand, starts):
+def _read_block(hbm, op: Operand, starts, fill: str | None = None):
+  """The block of ``hbm`` at ``starts``.
+
+  With ``fill`` (``out_of_bounds_reads="uninitialized"``) the elements of a
+  block that lies partly or wholly outside the padded array read as the
+  uninitialised value, as ``pltpu.InterpretParams`` reads them; otherwise
+  the start is clamped into range (``dynamic_slice``). Narrow floats are
+  stored as unsigned bits, whose all-ones fill is their NaN.
+  """
   if op.trivial_window:
     return _from_storage(hbm, op)
-  block = lax.dynamic_slice(hbm, starts, op.block_sizes)
+  if fill is not None:
+    block = views.filled_window_read(hbm, starts, op.block_sizes, fill)
+  else:
+    block = lax.dynamic_slice(hbm, starts, op.block_sizes)
   block = lax.squeeze(block, op.squeezed) if op.squeezed else block
   return _from_storage(block, op)
 
 
-def _write_block(hbm, op: Operand, starts, block, write):
+def _write_block(hbm, op: Operand, starts, block, write,
+                 fill: str | None = None):
   """Writes ``block`` back at ``starts`` where ``write`` (a bool) holds.
 
   Done as slice + select + update, touching only the block, instead of a
-  conditional.
+  conditional. With ``fill`` (``out_of_bounds_reads="uninitialized"``) the
+  parts of a block outside the padded array are dropped rather than the
+  start clamped (``pltpu.InterpretParams`` raises there).
   """
   block = _to_storage(block, op)
   if op.trivial_window:
     return lax.select(write, block, hbm)
   if op.squeezed:
     block = lax.expand_dims(block, op.squeezed)
+  if fill is not None:
+    current = views.filled_window_read(hbm, starts, block.shape, fill)
+    return views.filled_window_write(
+        hbm, starts, block.shape,
+        lax.select(jnp.broadcast_to(write, block.shape), block, current),
+        fill)
   current = lax.dynamic_slice(hbm, starts, block.shape)
   return lax.dynamic_update_slice(
       hbm, lax.select(jnp.broadcast_to(write, block.shape), block, current),
@@ -320,6 +341,9 @@ def interpret_pallas_call(
   written = interpreter.written_buffer_ids(jaxpr, kernel_args)
   input_block_ids = {op.block_id for op in in_ops if op.block_id is not None}
   check_bounds = interpret_params.out_of_bounds_reads == "raise"
+  # Blocks outside the array: uninitialised values, as JAX's mode reads them.
+  block_fill = (fill if interpret_params.out_of_bounds_reads == "uninitialized"
+                else None)
   check_semaphores = interpret_params.check_semaphores
   sites = checks.Sites(kernel_name)
   if interpret_params.checks_enabled:
@@ -379,7 +403,8 @@ def interpret_pallas_call(
     for op, st in zip(in_ops, starts[:len(in_ops)], strict=True):
       if op.block_id is not None:
         state = state.add(op.block_id,
-                          _read_block(state.read(op.hbm_id), op, st))
+                          _read_block(state.read(op.hbm_id), op, st,
+                                      block_fill))
     step_ctx = dataclasses.replace(
         ctx_here, program_ids=tuple(row.coords[d] for d in visible),
         pending_waits=[], core_index=core, lockstep=lockstep)
@@ -404,7 +429,7 @@ def interpret_pallas_call(
       op = operands[k]
       state = state.write(op.hbm_id, _write_block(
           state.read(op.hbm_id), op, starts[k], state.read(op.block_id),
-          write))
+          write, block_fill))
     if check_semaphores:
       state = _check_semaphores_released(step_ctx, state, checked_handles,
                                          is_last)

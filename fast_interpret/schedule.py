@@ -286,6 +286,9 @@ class StepwiseSchedule:
     visited = state.read(visited_id)
     idx = [jnp.clip(jnp.asarray(i, jnp.int32), 0, n - 1)
            for i, n in zip(block_indices, visited.shape, strict=True)]
+    for i, n in zip(block_indices, visited.shape, strict=True):
+      # A block outside the array is no visit of the edge block.
+      write = write & (jnp.asarray(i) >= 0) & (jnp.asarray(i) < n)
     seen = lax.dynamic_slice(visited, idx, (1,) * visited.ndim).reshape(())
     state = checks.record(state, ctx.sites, ctx.grid_step, write & seen,
                           _revisit_template(op), list(block_indices))
@@ -333,6 +336,10 @@ def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
 def _revisits(t, shape, write, xp):
   """bool per step: the block written back here was written back before."""
   clipped = [xp.clip(t[:, d], 0, n - 1) for d, n in enumerate(shape)]
+  # A block outside the array (reported as such, or not checked) is no
+  # visit of the edge block its index clips to.
+  for d, n in enumerate(shape):
+    write = write & (t[:, d] >= 0) & (t[:, d] < n)
   key = xp.zeros(t.shape[0], np.int32)
   for c, n in zip(clipped, shape, strict=True):
     key = key * n + c

@@ -176,7 +176,7 @@ def _clamped_window(shape, starts, sizes, dims):
   return clamped, want, local
 
 
-def _filled_window_read(x, starts, sizes, fill: str):
+def filled_window_read(x, starts, sizes, fill: str):
   """``x[starts : starts + sizes]``, the uninitialised value outside ``x``."""
   dims = _maybe_outside(starts, sizes, x.shape)
   # A window longer than the buffer: pad so that dynamic_slice accepts it.
@@ -194,7 +194,7 @@ def _filled_window_read(x, starts, sizes, fill: str):
   return jnp.where(ok, y, _fill_value(y, fill))
 
 
-def _filled_window_write(x, starts, sizes, val, fill: str):
+def filled_window_write(x, starts, sizes, val, fill: str):
   """Writes ``val`` at ``starts``, dropping the elements outside ``x``."""
   del fill
   dims = _maybe_outside(starts, sizes, x.shape)
@@ -232,7 +232,7 @@ def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
     return _jax.index_array(x, indexer) if y is None else y
   starts, sizes, squeeze = window
   if fill is not None and _maybe_outside(starts, sizes, x.shape):
-    y = _filled_window_read(x, starts, sizes, fill)
+    y = filled_window_read(x, starts, sizes, fill)
     return lax.squeeze(y, squeeze) if squeeze else y
   static = [_static_int(s) for s in starts]
   in_bounds = all(s is not None and 0 <= s and s + n <= d
@@ -263,7 +263,7 @@ def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
   if squeeze:
     val = lax.expand_dims(val, squeeze)
   if fill is not None and _maybe_outside(starts, sizes, x.shape):
-    return _filled_window_write(x, starts, sizes, val, fill)
+    return filled_window_write(x, starts, sizes, val, fill)
   return lax.dynamic_update_slice(x, val.astype(x.dtype), _index_args(starts))
 
 

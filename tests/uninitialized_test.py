@@ -3,8 +3,9 @@
 ``out_of_bounds_reads="uninitialized"``: the elements of a ref load, strided
 load, scalar-indexed load or DMA source that lie outside their buffer read as
 the uninitialised value (NaN / int max / True, or zero); stores and DMA
-destinations drop the elements outside the buffer. ``"clamp"`` (the ``fast``
-preset) clamps the start instead. References are NumPy, and
+destinations drop the elements outside the buffer; so do input and output
+blocks that a block index map selects outside the array. ``"clamp"`` (the
+``fast`` preset) clamps the start instead. References are NumPy, and
 ``pltpu.InterpretParams(out_of_bounds_reads="uninitialized")`` where it agrees
 (it reads a window with a negative start as all uninitialised; we read its
 in-range part).
@@ -58,6 +59,11 @@ def _rows(x, rows, fill_value):
   return out
 
 
+def _np(x):
+  x = jnp.asarray(x)
+  return np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x)
+
+
 def _params(fill="nan"):
   return FI(out_of_bounds_reads="uninitialized", uninitialized_memory=fill)
 
@@ -67,6 +73,8 @@ def _params(fill="nan"):
 STARTS = (("inside", 3), ("past_end", 9), ("far_past_end", 100),
           ("negative", -3), ("far_negative", -50))
 FILLS = (("nan", "nan"), ("zero", "zero"))
+DTYPES_BLOCK = (("f32", jnp.float32), ("bf16", jnp.bfloat16),
+                ("i32", jnp.int32))
 
 
 def _load(s_ref, x_ref, o_ref):
@@ -215,6 +223,68 @@ class OutOfBoundsReadTest(chex.TestCase):
       self.assertFalse(FI.unchecked(out_of_bounds_reads=mode).checks_enabled)
 
 
+def _block_call(interpret, dtype, out_rows=16):
+  """Step i copies input block s[i] to output block s[2 + i] (+1)."""
+  def kernel(s_ref, x_ref, o_ref):
+    del s_ref
+    o_ref[...] = x_ref[...] + 1
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(2,),
+      in_specs=[pl.BlockSpec((8, LANES), lambda i, s: (s[i], 0))],
+      out_specs=pl.BlockSpec((8, LANES), lambda i, s: (s[2 + i], 0)))
+  return lambda s, x: pl.pallas_call(
+      kernel, out_shape=_sds((out_rows, LANES), dtype), grid_spec=grid_spec,
+      interpret=interpret)(s, x)
+
+
+class OutOfBoundsBlockTest(chex.TestCase):
+  """Block index maps selecting blocks outside the array."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(blocks=(("inside", (1, 0)), ("past_end", (1, 2)),
+                                 ("far_past_end", (40, 0)),
+                                 ("negative", (-1, 1))),
+                         fill=FILLS, dtype=DTYPES_BLOCK)
+  def test_input_block_outside_reads_uninitialized(self, blocks, fill, dtype):
+    (_, blocks), (_, fill), (_, dtype) = blocks, fill, dtype
+    x = _x(dtype)
+    s = jnp.array([*blocks, 0, 1], jnp.int32)
+    out = self.variant(_block_call(_params(fill), dtype))(s, x)
+    rows = np.concatenate(
+        [_rows(_np(x), range(8 * b, 8 * b + 8), _fill(jnp.float32, fill)
+               if dtype == jnp.bfloat16 else _fill(dtype, fill))
+         for b in blocks])
+    # The + 1 in the kernel's dtype (bf16 rounding, int wrap-around).
+    expected = jnp.asarray(rows).astype(dtype) + jnp.asarray(1, dtype)
+    np.testing.assert_array_equal(_np(out), _np(expected))
+
+  @parameterized.named_parameters(("past_end", (1, 2)), ("far", (7, 0)))
+  def test_input_block_matches_interpret_params(self, blocks):
+    s = jnp.array([*blocks, 0, 1], jnp.int32)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
+      ours = _block_call(_params(), dtype)(s, _x(dtype))
+      theirs = _block_call(pltpu.InterpretParams(
+          out_of_bounds_reads="uninitialized"), dtype)(s, _x(dtype))
+      np.testing.assert_array_equal(_np(ours), _np(theirs))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_output_block_outside_is_dropped(self):
+    # Output blocks 1 and 5 of a 2-block output: the second is dropped
+    # (JAX's mode raises there), not clamped onto block 1.
+    x = _x()
+    out = self.variant(_block_call(_params("zero"), jnp.float32))(
+        jnp.array([0, 1, 1, 5], jnp.int32), x)
+    np.testing.assert_array_equal(np.asarray(out[8:]),
+                                  np.asarray(x[:8]) + 1)
+
+  def test_clamp_mode_clamps_block_indices(self):
+    out = _block_call(FI(out_of_bounds_reads="clamp"), jnp.float32)(
+        jnp.array([0, 5, 0, 1], jnp.int32), _x())
+    np.testing.assert_array_equal(np.asarray(out[8:]),
+                                  np.asarray(_x()[8:]) + 1)
+
+
 # ---------------------------------------------------------------------------
 # Memory the kernel never wrote.
 
@@ -222,10 +292,6 @@ class OutOfBoundsReadTest(chex.TestCase):
 DTYPES = (("f32", jnp.float32), ("bf16", jnp.bfloat16), ("i32", jnp.int32),
           ("i8", jnp.int8))
 
-
-def _np(x):
-  x = jnp.asarray(x)
-  return np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x)
 
 
 class UninitializedMemoryTest(chex.TestCase):
