@@ -25,7 +25,8 @@ Stages:
 
 A grid is vectorised only when all of these hold (anything else keeps the
 loop, so the answer never changes):
-  * the schedule is a table known while tracing, on one core;
+  * the schedule is a table known while tracing, of two steps or more, on
+    one core;
   * no scratch operands, and the kernel writes no buffer but its blocks;
   * the body uses only loads, stores, program ids, control flow and pure
     primitives (no DMA, semaphore, PRNG, barrier, remote op or print);
@@ -161,6 +162,8 @@ def _why_not(kernel, rows, num_scalars, num_scratch, written, out_to_in,
   outs = ops[kernel.num_inputs:]
   if rows is None:
     return "the schedule is not a table known while tracing"
+  if len(rows) < 2:
+    return "a single grid step runs without a loop already"
   if num_cores != 1:
     return f"{num_cores} simulated cores"
   if num_scratch:

@@ -571,6 +571,14 @@ class FallbackTest(_Base):
     np.testing.assert_array_equal(np.asarray(self.variant(f)(s, x)),
                                   expected)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_single_step(self):
+    x = _data((8, 128))
+    f = _elementwise((8, 128), (8, 128), (), lambda: (0, 0), jnp.tanh)
+    self.assertLoop(f, x, why="single grid step")
+    np.testing.assert_allclose(np.asarray(self.variant(f)(x)),
+                               np.tanh(np.asarray(x)), rtol=1e-6)
+
   def test_dynamic_grid(self):
     x = _data((32, 128))
 
