@@ -295,6 +295,63 @@ class VectorisedTest(_Base):
     np.testing.assert_allclose(np.asarray(self.variant(jax.vmap(f))(x)),
                                np.asarray(x) ** 2, rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_outputs_with_different_write_backs(self):
+    """One output written back every step, one every other step."""
+    x = _data((32, 256))
+
+    def kernel(x_ref, o_ref, s_ref):
+      o_ref[...] = x_ref[...] + 1
+      s_ref[...] = x_ref[...] * pl.program_id(1).astype(jnp.float32)
+
+    f = lambda x: _call(kernel, (_sds((32, 256)), _sds((32, 128))), x,
+                        grid=(4, 2),
+                        in_specs=[_spec((8, 128), lambda i, j: (i, j))],
+                        out_specs=(_spec((8, 128), lambda i, j: (i, j)),
+                                   _spec((8, 128), lambda i, j: (i, 0))))
+    self.assertVectorised(f, x)
+    out, s = self.variant(f)(x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x) + 1)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(x)[:, 128:])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_unwritten_output_blocks_keep_the_fill(self):
+    x = _data((32, 128))
+    f = _elementwise((32, 128), (8, 128), (2,), lambda i: (2 * i + 1, 0),
+                     lambda v: v + 1, interpret=ZERO)
+    self.assertVectorised(f, x)
+    expected = np.zeros((32, 128), np.float32)
+    expected[8:16] = np.asarray(x)[8:16] + 1
+    expected[24:32] = np.asarray(x)[24:32] + 1
+    np.testing.assert_array_equal(np.asarray(self.variant(f)(x)), expected)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_out_of_bounds_reads_fill_when_unchecked(self):
+    x = _data((16, 128))
+    f = lambda x: _call(
+        _oob_kernel((1,)), _sds((16, 128)), x, grid=(2, 1),
+        in_specs=[_spec((8, 128), lambda i, j: (i, 0))],
+        out_specs=_spec((8, 128), lambda i, j: (i, 0)),
+        interpret=FI(out_of_bounds_reads="uninitialized",
+                     uninitialized_memory="nan"))
+    self.assertVectorised(f, x)
+    out = np.asarray(self.variant(f)(x))
+    xs = np.asarray(x)
+    np.testing.assert_array_equal(out[:8], xs[:8] + 1)
+    np.testing.assert_array_equal(out[8:12], xs[12:16] + 1)
+    self.assertTrue(np.isnan(out[12:]).all())
+
+  def test_no_callback_when_checks_are_off(self):
+    x = _data((32, 128))
+    f = _elementwise((32, 128), (8, 128), (4,), _rows, jnp.abs,
+                     interpret=FI(out_of_bounds_reads="clamp",
+                                  check_semaphores=False,
+                                  check_output_revisits=False))
+    self.assertVectorised(f, x)
+    self.assertNotIn("callback", jax.jit(f).lower(x).as_text())
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)),
+                                  np.abs(np.asarray(x)))
+
   def test_add_one_program_is_as_small_as_xla(self):
     x = _data((32, 128))
 
@@ -658,6 +715,56 @@ class ChunkTest(_Base):
       out = self.variant(f)(x)
     np.testing.assert_allclose(np.asarray(out), np.cos(np.asarray(x)),
                                rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("bf16_blocks", jnp.bfloat16),
+                                  ("int8_blocks", jnp.int8))
+  def test_scan_of_narrow_dtypes(self, dtype):
+    x = _data((64, 128), dtype)
+    f = _elementwise((64, 128), (8, 128), (8,), lambda i: (7 - i, 0),
+                     lambda v: v * 2, dtype)
+    with mock.patch.object(vectorize, "CHUNK_BYTES", 1024):
+      self.assertVectorised(f, x)
+      out = self.variant(f)(x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(x * 2, np.float32))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_scan_of_element_indexed_input(self):
+    x = _data((72, 128))
+
+    def kernel(x_ref, o_ref):
+      o_ref[...] = x_ref[0:8, :] - x_ref[8:16, :]
+
+    f = lambda x: _call(kernel, _sds((64, 128)), x, grid=(8,),
+                        in_specs=[_spec((pl.Element(16), 128),
+                                        lambda i: (i * 8, 0))],
+                        out_specs=_spec((8, 128), _rows))
+    with mock.patch.object(vectorize, "CHUNK_BYTES", 8192):
+      self.assertVectorised(f, x)
+      out = self.variant(f)(x)
+    xs = np.asarray(x)
+    np.testing.assert_array_equal(np.asarray(out), xs[:64] - xs[8:72])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_scan_with_different_write_backs(self):
+    """Write flags known only inside the scan: unflagged rows are dropped."""
+    x = _data((32, 256))
+
+    def kernel(x_ref, o_ref, s_ref):
+      o_ref[...] = x_ref[...] - 1
+      s_ref[...] = x_ref[...] * pl.program_id(1).astype(jnp.float32)
+
+    f = lambda x: _call(kernel, (_sds((32, 256)), _sds((32, 128))), x,
+                        grid=(4, 2),
+                        in_specs=[_spec((8, 128), lambda i, j: (i, j))],
+                        out_specs=(_spec((8, 128), lambda i, j: (i, j)),
+                                   _spec((8, 128), lambda i, j: (i, 0))))
+    with mock.patch.object(vectorize, "CHUNK_BYTES", 4096):
+      self.assertVectorised(f, x)
+      out, s = self.variant(f)(x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x) - 1)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(x)[:, 128:])
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_scan_with_partial_write_backs(self):
