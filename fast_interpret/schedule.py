@@ -277,6 +277,10 @@ class StepwiseSchedule:
         self.visited[k] = ctx.fresh_buffer_id()
         self.buffers[self.visited[k]] = jnp.zeros(revisit_grid(op), bool)
 
+  def static_rows(self) -> None:
+    """No table: the index maps run inside the loop."""
+    return None
+
   def _indices(self, ctx, state, coords):
     indices = []
     for op in self._operands:

@@ -131,8 +131,7 @@ def plan(kernel: Kernel, schedule, *, num_scalars: int, num_scratch: int,
   Returns:
     The plan, or None (the reason is logged at DEBUG level).
   """
-  rows = (schedule.static_rows() if hasattr(schedule, "static_rows")
-          else None)
+  rows = schedule.static_rows()
   why = _why_not(kernel, rows, num_scalars, num_scratch, written, out_to_in,
                  num_cores)
   if why is not None:
