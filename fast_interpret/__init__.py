@@ -10,6 +10,8 @@ Modules:
   modes          force_fast_interpret_mode / set_fast_interpret_mode.
   lowering       the hook into pallas_call's lowering.
   grid           the pallas_call driver: memory layout, grid loop, blocks.
+  schedule       the grid schedule: per-step block indices and write-backs.
+  vectorize      step-independent grids as one vmap instead of the loop.
   interpreter    the rule registry and the jaxpr evaluator.
   state          KernelState (simulated memory) and RefHandle.
   views          reads/writes through ref transforms.

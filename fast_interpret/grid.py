@@ -40,6 +40,7 @@ from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret import remote
 from fast_interpret import schedule
+from fast_interpret import vectorize
 from fast_interpret import views
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   scoped_memory_space, storage_dtype,
@@ -55,6 +56,23 @@ from fast_interpret import tpu_rules
 from fast_interpret import vector_rules  # pylint: disable=unused-import
 
 _HBM_SPACES = ("any", "hbm")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStart:
+  """One grid step, set up and ready for the kernel body.
+
+  Attributes:
+    state: the kernel state with this step's input blocks in place.
+    ctx: the RuleContext of the step (grid step, program ids).
+    args: the kernel's ref arguments (windowed views of HBM operands).
+    starts: per operand, the element start of its block in each dimension.
+  """
+
+  state: KernelState
+  ctx: Any  # interpreter.RuleContext
+  args: list[Any]
+  starts: list[list[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,28 +411,41 @@ def interpret_pallas_call(
              | {k for k in buffers if k < 0})
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
-  def step_steps(step, carry: dict[int, Any], last_step, core=None):
-    """One grid step of one core, as a generator (see cores.py)."""
-    state = KernelState({**invariant, **carry})
-    ctx_here = dataclasses.replace(ctx, grid_step=step)
-    state, row = plan.fetch(ctx_here, state, step)
+  def begin_step(state, step, row: schedule.Row, blocks=None,
+                 core=None) -> StepStart:
+    """Sets up one grid step: input blocks, program ids, the kernel's refs.
+
+    Shared by the grid loop and vectorize.py. ``blocks`` (block buffer id ->
+    array) gives the input blocks already read; otherwise they are sliced
+    out of HBM at the row's block indices.
+    """
     starts = [_block_starts(op, idx)
               for op, idx in zip(operands, row.block_indices, strict=True)]
     for op, st in zip(in_ops, starts[:len(in_ops)], strict=True):
       if op.block_id is not None:
-        state = state.add(op.block_id,
-                          _read_block(state.read(op.hbm_id), op, st,
-                                      block_fill))
+        block = (blocks[op.block_id] if blocks is not None
+                 else _read_block(state.read(op.hbm_id), op, st,
+                                  block_fill))
+        state = state.add(op.block_id, block)
     step_ctx = dataclasses.replace(
-        ctx_here, program_ids=tuple(row.coords[d] for d in visible),
+        ctx, grid_step=step, program_ids=tuple(row.coords[d] for d in visible),
         pending_waits=[], core_index=core, lockstep=lockstep)
-    before = state
     n_scalar = len(scalar_handles)
     step_args = list(kernel_args)
     for k, (op, idx) in enumerate(zip(operands, row.block_indices,
                                       strict=True)):
       step_args[n_scalar + k] = windowed(op, kernel_args[n_scalar + k], idx)
-    state, _ = yield from cores.eval_body(step_ctx, state, jaxpr, step_args)
+    return StepStart(state, step_ctx, step_args, starts)
+
+  def step_steps(step, carry: dict[int, Any], last_step, core=None):
+    """One grid step of one core, as a generator (see cores.py)."""
+    state = KernelState({**invariant, **carry})
+    ctx_here = dataclasses.replace(ctx, grid_step=step)
+    state, row = plan.fetch(ctx_here, state, step)
+    start = begin_step(state, step, row, core=core)
+    state, step_ctx, starts = start.state, start.ctx, start.starts
+    before = state
+    state, _ = yield from cores.eval_body(step_ctx, state, jaxpr, start.args)
     state = dma_rules.check_pending_waits(step_ctx, state)
     # (In lock step, other cores change the shared buffers in between.)
     interpreter.check_carried(
@@ -447,7 +478,19 @@ def interpret_pallas_call(
   if core_plan.lockstep:
     lockstep = cores.Lockstep(core_plan.num_cores, shared_ids | {
         h.buffer_id for h in scratch_handles if h.per_core})
-  if per_core is None:
+  kernel = vectorize.Kernel(
+      jaxpr, operands, len(in_ops), begin_step,
+      lambda hbm, op, idx: _read_block(hbm, op, _block_starts(op, idx),
+                                       block_fill),
+      _to_storage)
+  vplan = vectorize.plan(
+      kernel, plan, num_scalars=len(scalar_handles),
+      num_scratch=len(scratch_handles), written=written, out_to_in=out_to_in,
+      num_cores=core_plan.num_cores, kernel_name=kernel_name)
+  if vplan is not None:
+    carry.update(vectorize.run(vplan, kernel, KernelState(
+        {**invariant, **carry}), ctx.sites))
+  elif per_core is None:
     if isinstance(num_steps, int) and num_steps == 1:
       carry = step_fn(jnp.int32(0), carry, jnp.int32(0))
     else:

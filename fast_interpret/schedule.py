@@ -121,6 +121,39 @@ class Row:
   writes: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StaticRows:
+  """Rows of a TableSchedule, column by column (NumPy, or JAX in a scan).
+
+  Attributes:
+    steps: [n] the flat grid step of each row.
+    coords: [n, grid rank] the grid coordinates.
+    block_indices: per operand, [n, ndim] its block indices.
+    writes: output operand position -> [n] bool, whether its block goes
+      back to HBM after the step.
+  """
+
+  steps: Any
+  coords: Any
+  block_indices: list[Any]
+  writes: dict[int, Any]
+
+  def __len__(self) -> int:
+    return self.steps.shape[0]
+
+  def take(self, rows) -> StaticRows:
+    """The rows selected by ``rows`` (a slice or an index array)."""
+    return jax.tree_util.tree_map(lambda c: c[rows], self)
+
+  def as_row(self) -> Row:
+    """This one row (columns without their leading axis, as under vmap)."""
+    return Row(tuple(self.coords[d] for d in range(self.coords.shape[0])),
+               [tuple(t[d] for d in range(t.shape[0]))
+                for t in self.block_indices],
+               dict(self.writes))
+
+
 class TableSchedule:
   """Index maps evaluated once for the whole grid; one row lookup per step."""
 
@@ -198,6 +231,17 @@ class TableSchedule:
     table = xp.concatenate([xp.asarray(c, np.int32) for c in columns], axis=1)
     return cls(table, coords.shape[1], index_cols, write_cols), state
 
+  def static_rows(self) -> StaticRows | None:
+    """The whole table as NumPy columns, or None when computed at run time."""
+    if not isinstance(self._table, np.ndarray):
+      return None
+    t = self._table
+    return StaticRows(
+        steps=np.arange(t.shape[0], dtype=np.int32),
+        coords=t[:, :self._num_coords],
+        block_indices=[t[:, s] for s in self._index_cols],
+        writes={k: t[:, c] > 0 for k, c in self._write_cols.items()})
+
   def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
     del ctx
     if isinstance(step, int) and isinstance(self._table, np.ndarray):
@@ -236,6 +280,10 @@ class StepwiseSchedule:
           and revisit_grid(op) is not None):
         self.visited[k] = ctx.fresh_buffer_id()
         self.buffers[self.visited[k]] = jnp.zeros(revisit_grid(op), bool)
+
+  def static_rows(self) -> None:
+    """No table: the index maps run inside the loop."""
+    return None
 
   def _indices(self, ctx, state, coords, positions=None):
     """Block indices of the operands at ``positions`` (default: all)."""

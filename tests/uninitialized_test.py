@@ -268,6 +268,23 @@ class OutOfBoundsBlockTest(chex.TestCase):
           out_of_bounds_reads="uninitialized"), dtype)(s, _x(dtype))
       np.testing.assert_array_equal(_np(ours), _np(theirs))
 
+  def test_constant_index_map_matches_interpret_params(self):
+    # A ref-free index map (a constant table; such grids may be vectorised)
+    # running one block past the input.
+    def call(interpret, dtype):
+      return pl.pallas_call(
+          lambda x_ref, o_ref: o_ref.__setitem__(..., x_ref[...] + 1),
+          out_shape=_sds((24, LANES), dtype), grid=(3,),
+          in_specs=[pl.BlockSpec((8, LANES), lambda i: (i + 1, 0))],
+          out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
+          interpret=interpret)(_x(dtype))
+
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
+      np.testing.assert_array_equal(
+          _np(call(_params(), dtype)),
+          _np(call(pltpu.InterpretParams(
+              out_of_bounds_reads="uninitialized"), dtype)))
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_output_block_outside_is_dropped(self):
     # Output blocks 1 and 5 of a 2-block output: the second is dropped
