@@ -26,7 +26,6 @@ from jax._src.interpreters import mlir
 from jax._src.interpreters import partial_eval
 from jax._src.lax.control_flow import conditionals as lax_conditionals
 from jax._src.lax.control_flow import loops as lax_loops
-from jax._src.lax import parallel as lax_parallel
 from jax._src.pallas import core as pallas_core
 from jax._src.pallas import pallas_call as pallas_call_module
 from jax._src.pallas import primitives as pallas_primitives
@@ -265,7 +264,6 @@ def spmd_mesh_axes(lowering_ctx) -> tuple[tuple[tuple[str, int], ...],
           frozenset(axis_ctx.manual_axes))
 
 
-axis_index_p = lax_parallel.axis_index_p
 
 
 def traced_origin(x):

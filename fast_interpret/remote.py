@@ -4,24 +4,36 @@ A kernel called inside ``jax.shard_map`` is lowered once, in the per-device
 body of the SPMD program: every device runs the same compiled simulation.
 We model the devices as running that program in lockstep, so a remote copy
 or signal is executed by all of them at the same program point, and is
-compiled as a collective over the mesh axes:
+compiled as a collective over the mesh axes (``exchange``):
 
   1. Every device contributes what it sends: a valid flag (False on a device
-     whose branch does not issue the op, see ``RuleContext.active``), the
-     logical id of the target device, the payload, and the dynamic indices of
-     the destination view and semaphore (the sender computes them, as on
-     TPU).
-  2. One ``all_gather`` of the int32 scalars (flag, target, scalar indices)
-     and one per payload hand every device what every device sent.
-  3. Each device applies, in sender order, every entry whose target is its
-     own id: it writes the payload into its destination view and adds to its
+     whose branch does not issue the op, see ``RuleContext.active``; not
+     sent outside such branches), the logical id of the target device, the
+     payload, and the dynamic indices of the destination view and semaphore
+     (the sender computes them, as on TPU), packed into one vector of
+     32-bit words.
+  2. If the target is a function of the device alone (``static_targets``
+     looks back through the trace to ``lax.axis_index`` and evaluates it
+     with NumPy for every device) and no two devices target the same one
+     (``static_permutation``), one ``ppermute`` moves the vector from each
+     sender to its target. Otherwise one ``all_gather`` hands every device
+     what every device sent.
+  3. The receiver applies what reached it (after an all-gather: in sender
+     order, the entries whose target is its own id, whose valid flag is
+     set): it writes the payload into its destination view and adds to its
      semaphore (bytes for a DMA, ``inc`` for a signal).
+
+``same_on_every_device`` tells control flow (control_rules) when a branch
+condition depends on the grid step alone, so that branches with remote ops
+in them need no predication.
 
 Fidelity: a remote write lands at the same program point on the receiver
 (an eager, valid schedule of a correctly synchronised kernel); run-ahead,
 races and delivery order between simultaneous senders are not modelled.
-The all-gather moves mesh-size times the payload per device: cheap for the
-few devices a CPU simulates.
+Cost: a ppermute moves the payload once; the all-gather fallback moves
+mesh-size times the payload per device, cheap for the few devices a CPU
+simulates. Each remote op is one collective, and on a CPU the number of
+collectives, not their size, is what a multi-device kernel's time is made of.
 """
 
 from __future__ import annotations
@@ -276,7 +288,7 @@ def static_targets(mesh: DeviceMesh, target) -> np.ndarray | None:
       _, prim, params, operands, k = origin
       if len(seen) >= _MAX_OPS:
         raise _Dynamic
-      if prim is _jax.axis_index_p:
+      if prim is lax.axis_index_p:
         name = params["axis_name"]
         if name not in strides:
           raise _Dynamic
@@ -295,6 +307,46 @@ def static_targets(mesh: DeviceMesh, target) -> np.ndarray | None:
       return value(target).astype(np.int64)
   except _Dynamic:
     return None
+
+
+_SAME_EVERYWHERE = frozenset(_ELEMENTWISE) | {
+    lax.convert_element_type_p, lax.integer_pow_p, lax.reshape_p,
+    lax.squeeze_p, lax.broadcast_in_dim_p}
+
+
+def same_on_every_device(ctx, x) -> bool:
+  """Whether ``x`` is sure to be the same on every device.
+
+  True when, looking back at most ``_MAX_OPS`` equations, it is computed
+  from program ids, grid sizes and constants alone by arithmetic (the grid
+  is the same on every device); False when anything else may feed it (a
+  value read from memory, ``lax.axis_index``, a loop carry).
+  """
+  known = {id(v) for v in (*ctx.program_ids, *ctx.num_programs)}
+  memo: dict[int, bool] = {}
+  seen = []  # Keeps the tracers in ``memo`` alive, so ids are not reused.
+
+  def same(v) -> bool:
+    if not isinstance(v, jax.core.Tracer) or id(v) in known:
+      return True
+    if id(v) not in memo:
+      origin = _jax.traced_origin(v)
+      if origin is None or len(seen) >= _MAX_OPS:
+        memo[id(v)] = False
+      elif origin[0] == "value":
+        memo[id(v)] = True
+      else:
+        _, prim, params, operands, _ = origin
+        if prim is _jax.jit_p:
+          pure = all(e.primitive in _SAME_EVERYWHERE
+                     for e in params["jaxpr"].jaxpr.eqns)
+        else:
+          pure = prim in _SAME_EVERYWHERE
+        seen.append(v)
+        memo[id(v)] = pure and all(same(o) for o in operands)
+    return memo[id(v)]
+
+  return same(x)
 
 
 def static_permutation(targets: np.ndarray | None, size: int

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+from fast_interpret import interpreter
 from fast_interpret import remote
 from benchmarks import collective_kernels as ck
 
@@ -589,6 +590,26 @@ class ExchangeTest(chex.TestCase):
     self.assertEqual(remote.static_permutation(seen["div"], 8), None)
     self.assertEqual(remote.static_permutation(np.array([1, 2, 9]), 3),
                      ((0, 1), (1, 2)))
+
+  def test_same_on_every_device(self):
+    seen = {}
+
+    def body(v):
+      step = v[0, 0].astype(jnp.int32)  # Stands for a grid step.
+      ctx = interpreter.RuleContext(
+          params=None, kernel_name="k", buffer_ids=None, program_ids=(step,),
+          num_programs=(4,))
+      me = lax.axis_index("x")
+      for name, x in [("grid", (step >= 1) & (lax.rem(step, 2) < 4 - 3)),
+                      ("constant", jnp.int32(3) + 1),
+                      ("device", step < me), ("memory", v[1, 0] > 0)]:
+        seen[name] = remote.same_on_every_device(ctx, x)
+      return v
+
+    jax.jit(_shard(body, _mesh((4,), ("x",)), P("x"), P("x"))).lower(
+        _data((8, 1)))
+    self.assertEqual(seen, dict(grid=True, constant=True, device=False,
+                                memory=False))
 
 
 # --- Errors. ----------------------------------------------------------------
