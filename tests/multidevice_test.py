@@ -591,6 +591,35 @@ class ExchangeTest(chex.TestCase):
     self.assertEqual(remote.static_permutation(np.array([1, 2, 9]), 3),
                      ((0, 1), (1, 2)))
 
+  @parameterized.named_parameters(
+      # On the grid step alone: a plain branch, its wait checked at once.
+      ("grid_step", lambda me, step: step == 1,
+       SEM_ERROR + r"a semaphore wait on scratch\[0\] waits for more than "
+       r"was signalled \(count would be -1\).*grid step 1, device 0\)"),
+      # On the device: predicated, the wait checked at the end of the step.
+      ("device", lambda me, step: (step == 1) & (me >= 0),
+       SEM_ERROR + r"a semaphore wait on scratch\[0\] \(in a branch with "
+       r"remote ops\) waits for more than was signalled by the end of the "
+       r"grid step \(count -1\).*grid step 1, device 0\)"))
+  def test_branch_on_grid_step_is_not_predicated(self, when, message):
+    def kernel(o_ref, sem):
+      me = lax.axis_index("x")
+
+      @pl.when(when(me, pl.program_id(0)))
+      def _():
+        pl.semaphore_signal(sem, 1, device_id=(me,), device_id_type=MESH)
+        pl.semaphore_wait(sem, 2)
+
+      o_ref[0] = 0
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32), grid=(2,),
+        out_specs=pl.BlockSpec(memory_space=pltpu.SMEM),
+        scratch_shapes=[REGULAR], interpret=FI)
+    with self.assertRaisesRegex(Exception, message):
+      jax.block_until_ready(jax.jit(_shard(call, _mesh((4,), ("x",)), (),
+                                           P("x")))())
+
   def test_same_on_every_device(self):
     seen = {}
 
