@@ -23,6 +23,7 @@ from jax._src.random import prng
 from jax._src import source_info_util
 from jax._src import tree_util
 from jax._src.interpreters import mlir
+from jax._src.interpreters import partial_eval
 from jax._src.lax.control_flow import conditionals as lax_conditionals
 from jax._src.lax.control_flow import loops as lax_loops
 from jax._src.pallas import core as pallas_core
@@ -261,6 +262,39 @@ def spmd_mesh_axes(lowering_ctx) -> tuple[tuple[tuple[str, int], ...],
   mesh = axis_ctx.mesh
   return (tuple((name, int(mesh.shape[name])) for name in mesh.axis_names),
           frozenset(axis_ctx.manual_axes))
+
+
+
+
+def traced_origin(x):
+  """How the traced value ``x`` was computed, for a short look back.
+
+  Returns ``("value", v)`` for a value known while tracing (a literal, a
+  constant); ``("eqn", primitive, params, operands, k)`` when ``x`` is output
+  ``k`` of an equation already recorded in the trace (``operands``: its
+  input tracers, to look further back; the jaxprs of higher-order primitives
+  are in ``params``); None for an argument of the function being traced (a
+  loop carry, say) or a value not traced to a jaxpr (e.g. under ``vmap``).
+  A constant that a nested trace (a loop body) closed over is followed into
+  the enclosing trace.
+  """
+  while True:
+    if not isinstance(x, core.Tracer):
+      return "value", x
+    if not isinstance(x, partial_eval.DynamicJaxprTracer):
+      return None
+    atom = x.val
+    if isinstance(atom, core.Literal):
+      return "value", atom.val
+    const = x._trace.frame.constvar_to_val.get(atom)  # pylint: disable=protected-access
+    if const is not None:
+      x = const
+      continue
+    eqn = x.parent
+    if eqn is None:
+      return None
+    k = next(i for i, v in enumerate(eqn.outvars) if v is atom)
+    return "eqn", eqn.primitive, eqn.params, list(eqn.in_tracers), k
 
 
 def bound_axis_names() -> frozenset:

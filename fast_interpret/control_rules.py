@@ -12,10 +12,14 @@ is *predicated*: every device evaluates every branch in order, with
 taken are dropped; what other devices send is still received). Its
 semaphore waits are checked at the end of the grid step, so that one
 device's branch may wait for a copy that another device's later branch
-starts (as in ``pl.when(me == 2)(...)`` followed by ``pl.when(me == 3)(...)``). A while loop with
-remote ops runs until no device wants another iteration; a device whose
-condition is false idles through the rest. Static loops (scan, fori) are
-the same on every device.
+starts (as in ``pl.when(me == 2)(...)`` followed by
+``pl.when(me == 3)(...)``). A condition computed from the grid step alone
+(``pl.when(pl.program_id(0) < n - 1)``) is the same on every device
+(``remote.same_on_every_device``): such a conditional stays a plain
+``lax.switch``, collectives inside, and the branches not taken cost nothing.
+A while loop with remote ops runs until no device wants another iteration;
+a device whose condition is false idles through the rest. Static loops
+(scan, fori) are the same on every device.
 """
 
 from __future__ import annotations
@@ -69,12 +73,14 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
                **_):
   """``lax.cond``/``lax.switch``/``pl.when``: a ``lax.switch`` over branches.
 
-  Predicated (see the module docstring) when a branch holds remote ops.
+  Predicated (see the module docstring) when a branch holds remote ops and
+  the index may differ between devices.
   Inside a predicated branch, a plain switch still works: its rules see
   ``active`` and drop their writes where it is False.
   """
   state = checks.flush(state)
-  if any(remote.has_remote_ops(b.jaxpr) for b in branches):
+  if (any(remote.has_remote_ops(b.jaxpr) for b in branches)
+      and not remote.same_on_every_device(ctx, index)):
     return _predicated_cond(ctx, state, index, ops, branches)
   carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
 

@@ -80,6 +80,8 @@ def _fit(value, shape):
 
 def _add_where(amount, hit):
   """A semaphore update: adds ``amount`` only where ``hit`` holds."""
+  if hit is True:
+    return lambda v: (None, v + jnp.asarray(amount, jnp.int32))
   return lambda v: (None, v + jnp.where(hit, jnp.asarray(amount, jnp.int32),
                                         jnp.int32(0)))
 

@@ -4,24 +4,36 @@ A kernel called inside ``jax.shard_map`` is lowered once, in the per-device
 body of the SPMD program: every device runs the same compiled simulation.
 We model the devices as running that program in lockstep, so a remote copy
 or signal is executed by all of them at the same program point, and is
-compiled as a collective over the mesh axes:
+compiled as a collective over the mesh axes (``exchange``):
 
   1. Every device contributes what it sends: a valid flag (False on a device
-     whose branch does not issue the op, see ``RuleContext.active``), the
-     logical id of the target device, the payload, and the dynamic indices of
-     the destination view and semaphore (the sender computes them, as on
-     TPU).
-  2. One ``all_gather`` of the int32 scalars (flag, target, scalar indices)
-     and one per payload hand every device what every device sent.
-  3. Each device applies, in sender order, every entry whose target is its
-     own id: it writes the payload into its destination view and adds to its
+     whose branch does not issue the op, see ``RuleContext.active``; not
+     sent outside such branches), the logical id of the target device, the
+     payload, and the dynamic indices of the destination view and semaphore
+     (the sender computes them, as on TPU), packed into one vector of
+     32-bit words.
+  2. If the target is a function of the device alone (``static_targets``
+     looks back through the trace to ``lax.axis_index`` and evaluates it
+     with NumPy for every device) and no two devices target the same one
+     (``static_permutation``), one ``ppermute`` moves the vector from each
+     sender to its target. Otherwise one ``all_gather`` hands every device
+     what every device sent.
+  3. The receiver applies what reached it (after an all-gather: in sender
+     order, the entries whose target is its own id, whose valid flag is
+     set): it writes the payload into its destination view and adds to its
      semaphore (bytes for a DMA, ``inc`` for a signal).
+
+``same_on_every_device`` tells control flow (control_rules) when a branch
+condition depends on the grid step alone, so that branches with remote ops
+in them need no predication.
 
 Fidelity: a remote write lands at the same program point on the receiver
 (an eager, valid schedule of a correctly synchronised kernel); run-ahead,
 races and delivery order between simultaneous senders are not modelled.
-The all-gather moves mesh-size times the payload per device: cheap for the
-few devices a CPU simulates.
+Cost: a ppermute moves the payload once; the all-gather fallback moves
+mesh-size times the payload per device, cheap for the few devices a CPU
+simulates. Each remote op is one collective, and on a CPU the number of
+collectives, not their size, is what a multi-device kernel's time is made of.
 """
 
 from __future__ import annotations
@@ -147,47 +159,366 @@ def check_target(ctx, state, target, valid, what: str):
       [target])
 
 
-def valid_flag(ctx) -> jax.Array:
-  """Whether this device issues the op (False in a branch it did not take)."""
-  return jnp.asarray(True if ctx.active is None else ctx.active, jnp.bool_)
+def valid_flag(ctx):
+  """Whether this device issues the op: a traced bool in a predicated branch
+  (False where this device did not take it), else the Python ``True`` (no
+  masking code is emitted then)."""
+  if ctx.active is None:
+    return True
+  return jnp.asarray(ctx.active, jnp.bool_)
+
+
+# --- Static targets ---------------------------------------------------------
+
+_MAX_OPS = 64  # Equations we look back through for a target; more: dynamic.
+
+
+class _Dynamic(Exception):
+  """The target is not a function of the device alone (or too costly to see)."""
+
+
+def _trunc_div(a, b):
+  if np.issubdtype(a.dtype, np.integer):
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q)
+  return a / b
+
+
+def _nonzero_divisor(op):
+  def rule(a, b):
+    if np.any(b == 0):
+      raise _Dynamic  # XLA's result, not NumPy's, would be the right one.
+    return op(a, b)
+  return rule
+
+
+_ELEMENTWISE = {
+    lax.add_p: np.add, lax.sub_p: np.subtract, lax.mul_p: np.multiply,
+    lax.neg_p: np.negative, lax.max_p: np.maximum, lax.min_p: np.minimum,
+    lax.abs_p: np.abs, lax.sign_p: np.sign,
+    lax.rem_p: _nonzero_divisor(np.fmod),  # C remainder, as lax.rem.
+    lax.div_p: _nonzero_divisor(_trunc_div),
+    lax.eq_p: np.equal, lax.ne_p: np.not_equal, lax.lt_p: np.less,
+    lax.le_p: np.less_equal, lax.gt_p: np.greater, lax.ge_p: np.greater_equal,
+    lax.and_p: np.bitwise_and, lax.or_p: np.bitwise_or,
+    lax.xor_p: np.bitwise_xor, lax.not_p: np.invert,
+    lax.clamp_p: lambda lo, x, hi: np.minimum(np.maximum(x, lo), hi),
+    lax.select_n_p: lambda which, *cases: np.choose(which.astype(np.int32),
+                                                    cases),
+}
+
+
+def _np_eqn(prim, params, args, out_avals):
+  """Outputs of one equation on per-device values (leading device axis)."""
+  if not args:
+    raise _Dynamic
+  size = args[0].shape[0]
+  if prim in _ELEMENTWISE:
+    out = _ELEMENTWISE[prim](*args)
+  elif prim is lax.convert_element_type_p:
+    out = args[0]
+  elif prim is lax.integer_pow_p:
+    out = args[0] ** params["y"]
+  elif prim in (lax.reshape_p, lax.squeeze_p, lax.broadcast_in_dim_p) and (
+      args[0].size == size):  # One element per device: only its shape moves.
+    out = args[0]
+  elif prim is _jax.jit_p:
+    return _np_jaxpr(params["jaxpr"], args)
+  else:
+    raise _Dynamic
+  (aval,) = out_avals
+  out = np.asarray(out)
+  if out.size == size:
+    out = out.reshape((size,) + (1,) * len(aval.shape))
+  return [np.broadcast_to(out, (size, *aval.shape)).astype(aval.dtype)]
+
+
+def _np_jaxpr(closed, args):
+  env = {}
+
+  def read(atom, size):
+    if isinstance(atom, _jax.Literal):
+      return _per_device(atom.val, atom.aval, size)
+    return env[atom]
+
+  size = args[0].shape[0]
+  for var, c in zip(closed.jaxpr.constvars, closed.consts, strict=True):
+    env[var] = _per_device(c, var.aval, size)
+  env.update(zip(closed.jaxpr.invars, args, strict=True))
+  for eqn in closed.jaxpr.eqns:
+    outs = _np_eqn(eqn.primitive, eqn.params,
+                   [read(v, size) for v in eqn.invars],
+                   [v.aval for v in eqn.outvars])
+    env.update(zip(eqn.outvars, outs, strict=True))
+  return [read(v, size) for v in closed.jaxpr.outvars]
+
+
+def _per_device(value, aval, size):
+  value = np.asarray(value, aval.dtype)
+  return np.broadcast_to(value, (size, *value.shape))
+
+
+def static_targets(mesh: DeviceMesh, target) -> np.ndarray | None:
+  """The value of ``target`` on every device, if it depends on nothing else.
+
+  Looks back (at most ``_MAX_OPS`` equations) at how the traced ``target``
+  was computed: from ``lax.axis_index`` of mesh axes, literals, constants
+  and integer arithmetic, e.g. ``(axis_index("x") + 1) % n``. Evaluates
+  that with NumPy for every device. Returns None when anything else feeds
+  it (a loop carry, a value read from memory, an unknown primitive).
+  """
+  if not isinstance(target, jax.core.Tracer) or not mesh.axis_names:
+    return None
+  strides = {name: math.prod(mesh.axis_sizes[i + 1:])
+             for i, name in enumerate(mesh.axis_names)}
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+  devices = np.arange(mesh.size, dtype=np.int32)
+  memo: dict[int, np.ndarray] = {}
+  seen = []  # Keeps the tracers in ``memo`` alive, so ids are not reused.
+
+  def value(x):
+    if id(x) in memo:
+      return memo[id(x)]
+    origin = _jax.traced_origin(x)
+    if origin is None:
+      raise _Dynamic
+    if origin[0] == "value":
+      out = _per_device(origin[1], jax.typeof(x), mesh.size)
+    else:
+      _, prim, params, operands, k = origin
+      if len(seen) >= _MAX_OPS:
+        raise _Dynamic
+      if prim is lax.axis_index_p:
+        name = params["axis_name"]
+        if name not in strides:
+          raise _Dynamic
+        out = (devices // strides[name]) % sizes[name]
+      else:
+        out = _np_eqn(prim, params, [value(o) for o in operands],
+                      [jax.typeof(x)] if prim is not _jax.jit_p else
+                      [v.aval for v in params["jaxpr"].jaxpr.outvars])[k]
+      out = np.asarray(out, jax.typeof(x).dtype)
+    seen.append(x)
+    memo[id(x)] = out
+    return out
+
+  try:
+    with np.errstate(all="ignore"):
+      return value(target).astype(np.int64)
+  except _Dynamic:
+    return None
+
+
+_SAME_EVERYWHERE = frozenset(_ELEMENTWISE) | {
+    lax.convert_element_type_p, lax.integer_pow_p, lax.reshape_p,
+    lax.squeeze_p, lax.broadcast_in_dim_p}
+
+
+def same_on_every_device(ctx, x) -> bool:
+  """Whether ``x`` is sure to be the same on every device.
+
+  True when, looking back at most ``_MAX_OPS`` equations, it is computed
+  from program ids, grid sizes and constants alone by arithmetic (the grid
+  is the same on every device); False when anything else may feed it (a
+  value read from memory, ``lax.axis_index``, a loop carry).
+  """
+  known = {id(v) for v in (*ctx.program_ids, *ctx.num_programs)}
+  memo: dict[int, bool] = {}
+  seen = []  # Keeps the tracers in ``memo`` alive, so ids are not reused.
+
+  def same(v) -> bool:
+    if not isinstance(v, jax.core.Tracer) or id(v) in known:
+      return True
+    if id(v) not in memo:
+      origin = _jax.traced_origin(v)
+      if origin is None or len(seen) >= _MAX_OPS:
+        memo[id(v)] = False
+      elif origin[0] == "value":
+        memo[id(v)] = True
+      else:
+        _, prim, params, operands, _ = origin
+        if prim is _jax.jit_p:
+          pure = all(e.primitive in _SAME_EVERYWHERE
+                     for e in params["jaxpr"].jaxpr.eqns)
+        else:
+          pure = prim in _SAME_EVERYWHERE
+        seen.append(v)
+        memo[id(v)] = pure and all(same(o) for o in operands)
+    return memo[id(v)]
+
+  return same(x)
+
+
+def static_permutation(targets: np.ndarray | None, size: int
+                       ) -> tuple[tuple[int, int], ...] | None:
+  """``(sender, receiver)`` pairs, if no two devices target the same one.
+
+  Targets outside the mesh are left out (such a send is an error, recorded
+  by ``check_target``, and lands nowhere). None when ``targets`` is None,
+  names no device in the mesh, or two devices target one.
+  """
+  if targets is None:
+    return None
+  pairs = tuple((s, int(t)) for s, t in enumerate(targets) if 0 <= t < size)
+  receivers = {t for _, t in pairs}
+  if not pairs or len(receivers) != len(pairs):
+    return None
+  return pairs
+
+
+# --- Packing into 32-bit words ----------------------------------------------
+
+
+def _word_count(leaf) -> int | None:
+  """Words ``leaf`` takes in a packed vector, or None if it is sent alone."""
+  dtype = np.dtype(leaf.dtype)
+  size = math.prod(leaf.shape)
+  if dtype == np.bool_:
+    return size
+  if not (jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.floating)):
+    return None
+  if dtype.itemsize >= 4:
+    return size * dtype.itemsize // 4
+  per_word = 4 // dtype.itemsize
+  return size // per_word if size % per_word == 0 else size
+
+
+def _to_words(leaf) -> jax.Array:
+  dtype = np.dtype(leaf.dtype)
+  size = math.prod(leaf.shape)
+  if dtype == np.bool_:
+    return leaf.astype(jnp.int32).reshape(-1)
+  if dtype.itemsize < 4:
+    per_word = 4 // dtype.itemsize
+    if size % per_word:  # Widened, one element a word.
+      wide = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
+      return lax.bitcast_convert_type(leaf.astype(wide), jnp.int32).reshape(-1)
+    leaf = leaf.reshape(-1, per_word)
+  return lax.bitcast_convert_type(leaf, jnp.int32).reshape(-1)
+
+
+def _from_words(words, like) -> jax.Array:
+  dtype = np.dtype(like.dtype)
+  shape = like.shape
+  size = math.prod(shape)
+  if dtype == np.bool_:
+    return (words != 0).reshape(shape)
+  if dtype.itemsize < 4:
+    per_word = 4 // dtype.itemsize
+    if size % per_word:
+      wide = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
+      return lax.bitcast_convert_type(words, wide).astype(dtype).reshape(shape)
+    return lax.bitcast_convert_type(words, dtype).reshape(shape)
+  if dtype.itemsize == 8:
+    words = words.reshape(*shape, 2)
+  else:
+    words = words.reshape(shape)
+  return lax.bitcast_convert_type(words, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packing:
+  """How values travel: one int32 word vector, plus the few sent alone.
+
+  Attributes:
+    spans: ``(value index, start, stop)`` of each packed value.
+    alone: indices of the values that cannot be packed (e.g. complex).
+  """
+
+  spans: tuple[tuple[int, int, int], ...]
+  alone: tuple[int, ...]
+
+  @classmethod
+  def of(cls, values) -> _Packing:
+    spans, alone, at = [], [], 0
+    for i, v in enumerate(values):
+      n = _word_count(v)
+      if n is None:
+        alone.append(i)
+      else:
+        spans.append((i, at, at + n))
+        at += n
+    return cls(tuple(spans), tuple(alone))
+
+  def pack(self, values) -> tuple[jax.Array | None, list[jax.Array]]:
+    words = [_to_words(jnp.asarray(values[i])) for i, _, _ in self.spans]
+    packed = jnp.concatenate(words) if words else None
+    return packed, [values[i] for i in self.alone]
+
+  def unpack(self, packed, alone, like) -> list[jax.Array]:
+    out = list(like)
+    for i, start, stop in self.spans:
+      out[i] = _from_words(packed[start:stop], like[i])
+    for i, v in zip(self.alone, alone, strict=True):
+      out[i] = v
+    return out
+
+
+# --- The exchange -----------------------------------------------------------
 
 
 def exchange(mesh: DeviceMesh, valid, target, tree, carry, apply):
-  """Applies what every device sent to this one, in sender order.
+  """Applies what every device sent to this one.
 
-  Returns ``carry`` after ``carry = apply(hit, sent, carry)`` for each sender
-  (a ``fori_loop`` over logical ids, so the program does not grow with the
-  mesh): ``sent`` is ``tree`` as that sender computed it, ``hit`` a traced
-  bool (the sender issued the op and targets this device). Leaves of
-  ``tree`` that are not traced are the same on every device and are not
-  sent.
+  Returns ``carry`` after ``carry = apply(hit, sent, carry)`` for each
+  device that may have sent to this one: ``sent`` is ``tree`` as that
+  sender computed it, ``hit`` a bool (the sender issued the op and targets
+  this device; the Python ``True`` when that is sure). Leaves of ``tree``
+  that are not traced are the same on every device and are not sent.
+
+  When every device's target is known while tracing and no two devices
+  target the same one (``static_permutation``), that is one ``ppermute``;
+  otherwise every device gathers what every device sent and applies the
+  entries aimed at it, in sender order (a ``fori_loop`` over logical ids,
+  so the program does not grow with the mesh). Either way the valid flag,
+  scalar indices and payloads travel packed as one vector of 32-bit words.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  scalars, arrays = [], []
-  for i, leaf in enumerate(leaves):
-    if not isinstance(leaf, jax.core.Tracer):
-      continue
-    if (leaf.shape == () and jnp.issubdtype(leaf.dtype, jnp.integer)
-        and jnp.dtype(leaf.dtype).itemsize <= 4):
-      scalars.append(i)
-    else:
-      arrays.append(i)
-  meta = jnp.stack([jnp.asarray(valid, jnp.int32),
-                    jnp.asarray(target, jnp.int32)]
-                   + [jnp.asarray(leaves[i], jnp.int32) for i in scalars])
-  all_meta = mesh.gather(meta)
-  all_arrays = [mesh.gather(leaves[i]) for i in arrays]
+  sent = [i for i, leaf in enumerate(leaves)
+          if isinstance(leaf, jax.core.Tracer)]
+  perm = static_permutation(static_targets(mesh, target), mesh.size)
+  # What travels: [valid] + [target] + the traced leaves.
+  head = ([] if valid is True else [jnp.asarray(valid, jnp.bool_)])
+  if perm is None and isinstance(target, jax.core.Tracer):
+    head.append(jnp.asarray(target, jnp.int32))
+  values = head + [leaves[i] for i in sent]
+  packing = _Packing.of(values)
+  packed, alone = packing.pack(values)
   me = mesh.my_id()
 
+  def unflatten(got):
+    out = list(leaves)
+    for i, v in zip(sent, got[len(head):], strict=True):
+      out[i] = v
+    return treedef.unflatten(out)
+
+  if perm is not None:
+    names = tuple(mesh.axis_names)
+    move = lambda x: lax.ppermute(x, names, perm)
+    got = packing.unpack(None if packed is None else move(packed),
+                         [move(v) for v in alone], values)
+    if valid is not True:
+      hit = got[0]
+    elif len(perm) == mesh.size:
+      hit = True
+    else:
+      receives = np.zeros(mesh.size, np.bool_)
+      receives[[t for _, t in perm]] = True
+      hit = jnp.asarray(receives)[me]
+    return apply(hit, unflatten(got), carry)
+
+  all_packed = None if packed is None else mesh.gather(packed)
+  all_alone = [mesh.gather(v) for v in alone]
+
   def receive(s, carry):
-    sent = list(leaves)
-    row = all_meta[s]
-    for k, i in enumerate(scalars):
-      sent[i] = row[2 + k].astype(leaves[i].dtype)
-    for i, values in zip(arrays, all_arrays, strict=True):
-      sent[i] = values[s]
-    hit = (row[0] != 0) & (row[1] == me)
-    return apply(hit, treedef.unflatten(sent), carry)
+    got = packing.unpack(None if all_packed is None else all_packed[s],
+                         [v[s] for v in all_alone], values)
+    to = got[len(head) - 1] if isinstance(target, jax.core.Tracer) else target
+    hit = jnp.asarray(to, jnp.int32) == me
+    if valid is not True:
+      hit = hit & got[0]
+    return apply(hit, unflatten(got), carry)
 
   return lax.fori_loop(0, mesh.size, receive, carry)
 

@@ -15,6 +15,7 @@ Run:  python -m pytest tests/multidevice_test.py -q
 """
 
 import functools
+import re
 
 import jax
 
@@ -35,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+from fast_interpret import interpreter
+from fast_interpret import remote
 from benchmarks import collective_kernels as ck
 
 try:
@@ -350,6 +353,292 @@ class DeviceIdsAndBranchesTest(chex.TestCase):
     left = [(d - 1) % n for d in range(n)]
     want = np.concatenate([shards[l] * l for l in left])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+# --- How remote ops are exchanged: ppermute or all-gather. -----------------
+
+
+def _collectives(text):
+  """(op, elements of the result) of each collective in lowered StableHLO."""
+  found = []
+  for line in text.splitlines():
+    m = re.search(r'"stablehlo\.(collective_permute|all_gather)".*-> '
+                  r'tensor<([0-9x]*)x?[a-z]+[0-9]*>', line)
+    if m:
+      dims = [int(d) for d in m.group(2).split("x") if d]
+      found.append((m.group(1), int(np.prod(dims))))
+  return found
+
+
+def _copy_kernel(target_of, copies_in, when=None, slot_of=None):
+  """A kernel: ``x`` to ``o`` (at ``slot_of(me)``) of ``target_of(me)``.
+
+  ``when(me)`` (if given) says which devices send; every device first copies
+  its own ``x`` into each slot of ``o``, then waits for the ``copies_in(me)``
+  copies it gets.
+  """
+  def kernel(x_ref, o_ref, send_sem, recv_sem):
+    me = lax.axis_index("x")
+    for k in range(o_ref.shape[0]):
+      o_ref[k] = x_ref[...]
+    dst = o_ref.at[0 if slot_of is None else slot_of(me)]
+    copy = pltpu.make_async_remote_copy(
+        x_ref, dst, send_sem, recv_sem, device_id=(target_of(me),),
+        device_id_type=MESH)
+
+    @pl.when(True if when is None else when(me))
+    def _():
+      copy.start()
+      copy.wait_send()
+
+    def wait(i, carry):
+      copy.wait_recv()
+      return carry
+
+    lax.fori_loop(0, jnp.asarray(copies_in(me), jnp.int32), wait, 0)
+  return kernel
+
+
+def _copy_call(kernel, slots=1):
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((slots, 8, 128), jnp.float32),
+      in_specs=[VMEM], out_specs=VMEM, scratch_shapes=[DMA, DMA],
+      interpret=fast_interpret.params_for_level("fast"))
+
+
+class ExchangeTest(chex.TestCase):
+  """Static permutations go through ppermute; the rest through all_gather."""
+
+  def _run(self, call, mesh, x, spec=P("x")):
+    f = _shard(call, mesh, spec, spec)
+    text = jax.jit(f).lower(x).as_text()
+    return np.asarray(self.variant(f)(x)), _collectives(text)
+
+  def assertPermutesPayload(self, collectives, payload=8 * 128):
+    self.assertIn("collective_permute", [op for op, _ in collectives])
+    self.assertEqual(
+        [], [c for c in collectives if c[0] == "all_gather"
+             and c[1] >= payload])
+
+  def assertGathersPayload(self, collectives, devices, payload=8 * 128):
+    self.assertEqual([], [c for c in collectives
+                          if c[0] == "collective_permute"])
+    self.assertTrue(any(op == "all_gather" and size >= devices * payload
+                        for op, size in collectives), collectives)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("mesh_tuple", "mesh"), ("dict", "dict"),
+                                  ("logical", "logical"))
+  def test_static_ring_is_a_ppermute(self, form):
+    n = 8
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    call = functools.partial(ck.right_permute, axis="x", n=n, shift=3,
+                             form=form,
+                             interpret=fast_interpret.params_for_level("fast"))
+    got, collectives = self._run(call, mesh, x)
+    want = jax.jit(_shard(
+        lambda v: lax.ppermute(v, "x", [(i, (i + 3) % n) for i in range(n)]),
+        mesh, P("x"), P("x")))(x)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    self.assertPermutesPayload(collectives)
+    self.assertEqual([], [c for c in collectives if c[0] == "all_gather"])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_two_devices_to_one_is_gathered(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    # Devices 2d and 2d + 1 both send to d, into slots 0 and 1.
+    call = _copy_call(_copy_kernel(lambda me: me // 2,
+                                   lambda me: jnp.where(me < n // 2, 2, 0),
+                                   slot_of=lambda me: lax.rem(me, 2)), slots=2)
+    got, collectives = self._run(call, mesh, x)
+    shards = np.asarray(x).reshape(n, 8, 128)
+    want = np.stack([shards, shards], axis=1)  # Each keeps its own...
+    for d in range(n):
+      want[d // 2, d % 2] = shards[d]  # ... unless someone sent it theirs.
+    np.testing.assert_array_equal(got, want.reshape(n * 2, 8, 128))
+    self.assertGathersPayload(collectives, n)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_target_read_from_memory_is_gathered(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    shift = np.roll(np.arange(n, dtype=np.int32), -1)  # Device d -> d + 1.
+
+    def kernel(table_ref, x_ref, o_ref, send_sem, recv_sem):
+      copy = pltpu.make_async_remote_copy(
+          x_ref, o_ref, send_sem, recv_sem,
+          device_id=(table_ref[lax.axis_index("x")],), device_id_type=MESH)
+      copy.start()
+      copy.wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), VMEM],
+        out_specs=VMEM, scratch_shapes=[DMA, DMA],
+        interpret=fast_interpret.params_for_level("fast"))
+    f = _shard(lambda v: call(jnp.asarray(shift), v), mesh, P("x"), P("x"))
+    got = self.variant(f)(x)
+    want = jax.jit(_shard(lambda v: lax.ppermute(v, "x", _ring(n)), mesh,
+                          P("x"), P("x")))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    self.assertGathersPayload(_collectives(jax.jit(f).lower(x).as_text()), n)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      # Even devices send to the right; odd ones keep their own x.
+      ("even_senders", lambda me, n: lax.rem(me + 1, n),
+       lambda me, n: lax.rem(me, 2) == 0, lambda d, n: d % 2 == 0,
+       lambda me, n: lax.rem(me, 2)),
+      # No wrap-around: the last device's target is outside the mesh, but it
+      # does not send; device 0 gets nothing.
+      ("open_chain", lambda me, n: me + 1, lambda me, n: me < n - 1,
+       lambda d, n: d < n - 1, lambda me, n: me > 0))
+  def test_predicated_senders(self, target_of, when, sends, copies_in):
+    n = 8
+    mesh = _mesh((n,), ("x",))
+    x = _data((8 * n, 128))
+    call = _copy_call(_copy_kernel(lambda me: target_of(me, n),
+                                   lambda me: copies_in(me, n),
+                                   when=lambda me: when(me, n)))
+    got, collectives = self._run(call, mesh, x)
+    shards = np.asarray(x).reshape(n, 8, 128)
+    want = shards.copy()
+    for d in range(n):
+      if sends(d, n):
+        want[int(target_of(d, n))] = shards[d]
+    np.testing.assert_array_equal(got, want)
+    self.assertPermutesPayload(collectives)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_two_axis_mesh_tuple_is_a_ppermute(self):
+    mesh = _mesh((2, 4), ("x", "y"))
+    spec = P(("x", "y"))
+    x = _data((8 * 8, 128))
+
+    def kernel(x_hbm, o_hbm, send_sem, recv_sem):
+      i, j = lax.axis_index("x"), lax.axis_index("y")
+      copy = pltpu.make_async_remote_copy(
+          x_hbm, o_hbm, send_sem, recv_sem,
+          device_id=(1 - i, lax.rem(j + 1, 4)), device_id_type=MESH)
+      copy.start()
+      copy.wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[ANY], out_specs=ANY, scratch_shapes=[DMA, DMA],
+        interpret=fast_interpret.params_for_level("fast"))
+    perm = [(i * 4 + j, (1 - i) * 4 + (j + 1) % 4)
+            for i in range(2) for j in range(4)]
+    got, collectives = self._run(call, mesh, x, spec)
+    want = jax.jit(_shard(lambda v: lax.ppermute(v, ("x", "y"), perm), mesh,
+                          spec, spec))(x)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    self.assertPermutesPayload(collectives)
+
+  def test_remote_signal_is_one_packed_ppermute(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    kernel = pl.pallas_call(
+        _signal_kernel, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32),
+        out_specs=pl.BlockSpec(memory_space=pltpu.SMEM),
+        scratch_shapes=[REGULAR],
+        interpret=fast_interpret.params_for_level("fast"))
+    text = jax.jit(_shard(kernel, mesh, (), P("x"))).lower().as_text()
+    self.assertEqual([("collective_permute", 1)], _collectives(text))
+
+  @parameterized.named_parameters(
+      ("bool", np.bool_, (3,)), ("int8_odd", np.int8, (3,)),
+      ("int8_words", np.int8, (2, 4)), ("uint16", np.uint16, (2,)),
+      ("bfloat16_odd", jnp.bfloat16, (5,)), ("float32", np.float32, (2, 3)),
+      ("int32_scalar", np.int32, ()))
+  def test_words_round_trip(self, dtype, shape):
+    values = [jnp.asarray(np.arange(-3, -3 + int(np.prod(shape)))
+                          .reshape(shape)).astype(dtype),
+              jnp.asarray(7, jnp.int32)]
+    packing = remote._Packing.of(values)  # pylint: disable=protected-access
+    packed, alone = packing.pack(values)
+    self.assertEqual(packed.dtype, jnp.int32)
+    self.assertEqual(alone, [])
+    for got, want in zip(packing.unpack(packed, alone, values), values,
+                         strict=True):
+      self.assertEqual((got.dtype, got.shape), (want.dtype, want.shape))
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  def test_static_targets_of_arithmetic(self):
+    mesh = remote.DeviceMesh(("x", "y"), (2, 4), frozenset({"x", "y"}))
+    seen = {}
+
+    def body(v):
+      i, j = lax.axis_index("x"), lax.axis_index("y")
+      seen["ring"] = remote.static_targets(
+          mesh, (1 - i) * 4 + lax.rem(j + 3, 4))
+      seen["read"] = remote.static_targets(mesh, v[0, 0].astype(jnp.int32))
+      seen["div"] = remote.static_targets(mesh, j // 2 + jnp.int32(i) * 2)
+      return v
+
+    jax.jit(_shard(body, _mesh((2, 4), ("x", "y")), P(("x", "y")),
+                   P(("x", "y")))).lower(_data((8, 1)))
+    want = [(1 - i) * 4 + (j + 3) % 4 for i in range(2) for j in range(4)]
+    np.testing.assert_array_equal(seen["ring"], want)
+    self.assertIsNone(seen["read"])
+    np.testing.assert_array_equal(
+        seen["div"], [j // 2 + i * 2 for i in range(2) for j in range(4)])
+    self.assertEqual(remote.static_permutation(seen["div"], 8), None)
+    self.assertEqual(remote.static_permutation(np.array([1, 2, 9]), 3),
+                     ((0, 1), (1, 2)))
+
+  @parameterized.named_parameters(
+      # On the grid step alone: a plain branch, its wait checked at once.
+      ("grid_step", lambda me, step: step == 1,
+       SEM_ERROR + r"a semaphore wait on scratch\[0\] waits for more than "
+       r"was signalled \(count would be -1\).*grid step 1, device 0\)"),
+      # On the device: predicated, the wait checked at the end of the step.
+      ("device", lambda me, step: (step == 1) & (me >= 0),
+       SEM_ERROR + r"a semaphore wait on scratch\[0\] \(in a branch with "
+       r"remote ops\) waits for more than was signalled by the end of the "
+       r"grid step \(count -1\).*grid step 1, device 0\)"))
+  def test_branch_on_grid_step_is_not_predicated(self, when, message):
+    def kernel(o_ref, sem):
+      me = lax.axis_index("x")
+
+      @pl.when(when(me, pl.program_id(0)))
+      def _():
+        pl.semaphore_signal(sem, 1, device_id=(me,), device_id_type=MESH)
+        pl.semaphore_wait(sem, 2)
+
+      o_ref[0] = 0
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32), grid=(2,),
+        out_specs=pl.BlockSpec(memory_space=pltpu.SMEM),
+        scratch_shapes=[REGULAR], interpret=FI)
+    with self.assertRaisesRegex(Exception, message):
+      jax.block_until_ready(jax.jit(_shard(call, _mesh((4,), ("x",)), (),
+                                           P("x")))())
+
+  def test_same_on_every_device(self):
+    seen = {}
+
+    def body(v):
+      step = v[0, 0].astype(jnp.int32)  # Stands for a grid step.
+      ctx = interpreter.RuleContext(
+          params=None, kernel_name="k", buffer_ids=None, program_ids=(step,),
+          num_programs=(4,))
+      me = lax.axis_index("x")
+      for name, x in [("grid", (step >= 1) & (lax.rem(step, 2) < 4 - 3)),
+                      ("constant", jnp.int32(3) + 1),
+                      ("device", step < me), ("memory", v[1, 0] > 0)]:
+        seen[name] = remote.same_on_every_device(ctx, x)
+      return v
+
+    jax.jit(_shard(body, _mesh((4,), ("x",)), P("x"), P("x"))).lower(
+        _data((8, 1)))
+    self.assertEqual(seen, dict(grid=True, constant=True, device=False,
+                                memory=False))
 
 
 # --- Errors. ----------------------------------------------------------------
