@@ -64,6 +64,83 @@ def initial_word() -> jax.Array:
   return jnp.zeros((_WORD,), jnp.int32)
 
 
+_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """A pending check: it fails when ``value`` lies outside ``[lo, hi]``.
+
+  A range, not a boolean, so that the flush can compare all of a run's
+  values against constant limits in one vector operation and drop
+  duplicates (the same SMEM value checked against the same limits by several
+  accesses). A boolean check is the range ``[0, 0]`` of its predicate.
+
+  Attributes:
+    site: the message template's id in ``Sites`` (an int, or a traced int32
+      picked from several registered sites).
+    step: the grid step reported (int or traced scalar).
+    values: up to six ints the template is formatted with.
+    value: the checked integer (or bool) scalar; traced.
+    lo, hi: inclusive static limits.
+    gate: None, or a traced bool: the record can fail only where it holds
+      (records of code that ran under a predicate).
+  """
+
+  site: Any
+  step: Any
+  values: tuple[Any, ...]
+  value: Any
+  lo: int = 0
+  hi: int = 0
+  gate: Any = None
+
+  def gated(self, predicate) -> Record:
+    """This record, able to fail only where ``predicate`` holds too."""
+    if predicate is None:
+      return self
+    gate = predicate if self.gate is None else self.gate & predicate
+    return dataclasses.replace(self, gate=gate)
+
+  def key(self) -> tuple:
+    """Records with equal keys fail together: only the first one counts."""
+    return (id(self.value), self.lo, self.hi, id(self.gate), id(self.step))
+
+  def failed(self) -> jax.Array:
+    """The traced failure predicate of this one record (for tests, fallbacks)."""
+    value, lo, hi = _comparable(self.value, self.lo, self.hi)
+    bad = (value < lo) | (value > hi)
+    return bad if self.gate is None else bad & self.gate
+
+
+def _comparable(value, lo: int, hi: int):
+  """(value, lo, hi) in a dtype where the comparison means what it says.
+
+  Values of up to 32 bits are compared as int32. An unsigned value of 2^31
+  or more wraps to a negative int32; raising ``lo`` to at least 0 makes it
+  fail, as it must (it exceeds every int32 limit). Wider values (x64) are
+  compared in their own dtype, with limits clipped into its range.
+  """
+  value = jnp.asarray(value)
+  dtype = value.dtype
+  if dtype == jnp.bool_:
+    return value.astype(jnp.int32), lo, hi
+  unsigned = jnp.issubdtype(dtype, jnp.unsignedinteger)
+  if unsigned:
+    lo = max(lo, 0)
+  if dtype.itemsize <= 4:
+    return value.astype(jnp.int32), lo, hi
+  info = jnp.iinfo(dtype)
+  return value, max(lo, int(info.min)), min(hi, int(info.max))
+
+
+def _static_report(sites: Sites, template: str, values: Sequence[Any]):
+  static = [int(v) if _is_static(v) else "?" for v in values]
+  raise KernelCheckError(
+      f"fast_interpret: {template.format(*static)} "
+      f"(kernel {sites.kernel_name!r}, found while tracing)")
+
+
 def record(state, sites: Sites, step, failed, template: str,
            values: Sequence[Any] = ()):
   """Returns ``state`` with an error recorded where ``failed`` holds.
@@ -74,38 +151,105 @@ def record(state, sites: Sites, step, failed, template: str,
   if failed is None or failed is False:
     return state
   if failed is True:
-    static = [int(v) if _is_static(v) else "?" for v in values]
-    raise KernelCheckError(
-        f"fast_interpret: {template.format(*static)} "
-        f"(kernel {sites.kernel_name!r}, found while tracing)")
+    _static_report(sites, template, values)
   if ERROR_ID not in state.buffers:
     return state
-  site = sites.add(template)
-  vals = [jnp.asarray(v, jnp.int32).reshape(()) for v in values][:_NUM_VALUES]
-  vals += [jnp.int32(0)] * (_NUM_VALUES - len(vals))
-  new = jnp.stack([jnp.int32(site + 1), jnp.asarray(step, jnp.int32), *vals])
-  return dataclasses.replace(state, pending=(*state.pending, (failed, new)))
+  return add_records(state, [Record(sites.add(template), step,
+                                    _values(values), failed)])
+
+
+def record_outside(state, sites: Sites, step, ranges, template: str,
+                   values: Sequence[Any] = ()):
+  """Records an error where any ``(value, lo, hi)`` has value outside [lo, hi].
+
+  One site for all the ranges (they share the message). ``lo`` and ``hi``
+  are static ints; a value known while tracing is checked now, and raises
+  when it is out of range.
+  """
+  dynamic = []
+  for value, lo, hi in ranges:
+    if _is_static(value):
+      if not lo <= int(value) <= hi:
+        _static_report(sites, template, values)
+    else:
+      dynamic.append((value, int(lo), int(hi)))
+  if not dynamic or ERROR_ID not in state.buffers:
+    return state
+  site, vals = sites.add(template), _values(values)
+  return add_records(state, [Record(site, step, vals, v, lo, hi)
+                             for v, lo, hi in dynamic])
+
+
+def add_records(state, records: Sequence[Record]):
+  """``state`` with ``records`` pending, after those already there."""
+  return dataclasses.replace(state, pending=(*state.pending, *records))
+
+
+def _values(values: Sequence[Any]) -> tuple[Any, ...]:
+  return tuple(values)[:_NUM_VALUES]
 
 
 def flush(state):
   """Folds the pending records into the error word: one update for many.
 
   Updating the word at every check site costs a separate tiny XLA kernel
-  each; folding a straight-line run of records into one select chain lets
-  XLA fuse them. Called at the end of every traced body and before control
-  flow, so records stay in program order.
+  each. Here the run's records, duplicates dropped, become one vector of
+  values compared with constant limits; the first failing record is found
+  with one reduction, and its site, step and values are read from tables
+  (constants where static) at that index. Called at the end of every traced
+  body and before control flow, so records stay in program order.
   """
   if not state.pending:
     return state
-  entries = state.pending
-  failed_any = entries[0][0]
-  for failed, _ in entries[1:]:
-    failed_any = failed_any | failed
-  new = entries[-1][1]
-  for failed, candidate in reversed(entries[:-1]):
-    new = jnp.where(failed, candidate, new)
-  word = _first(state.read(ERROR_ID), new, failed_any)
+  seen, records = set(), []
+  for r in state.pending:
+    if r.key() not in seen:
+      seen.add(r.key())
+      records.append(r)
+  n = len(records)
+  values, los, his = zip(*(_comparable(r.value, r.lo, r.hi) for r in records),
+                         strict=True)
+  wide = any(v.dtype != jnp.int32 for v in values)
+  if wide:  # x64 values: one predicate each, then the same fold.
+    bad = jnp.stack([(v < lo) | (v > hi)
+                     for v, lo, hi in zip(values, los, his, strict=True)])
+  else:
+    vec = jnp.stack([v.reshape(()) for v in values])
+    bad = (vec < np.array(los, np.int32)) | (vec > np.array(his, np.int32))
+  gates = [r.gate for r in records]
+  if any(g is not None for g in gates):
+    bad = bad & jnp.stack([jnp.asarray(True if g is None else g).reshape(())
+                           for g in gates])
+  first = jnp.min(jnp.where(bad, np.arange(n, dtype=np.int32), np.int32(n)))
+  failed = first < n
+  columns = [_column([r.site + 1 for r in records]),
+             _column([r.step for r in records])]
+  for j in range(_NUM_VALUES):
+    columns.append(_column([r.values[j] if j < len(r.values) else 0
+                            for r in records]))
+  new = jnp.stack([_pick(c, first) for c in columns])
+  word = _first(state.read(ERROR_ID), new, failed)
   return dataclasses.replace(state, pending=()).write(ERROR_ID, word)
+
+
+def _column(items: Sequence[Any]):
+  """A table of one word slot per record: a constant where all are static."""
+  if all(_is_static(x) for x in items):
+    return np.asarray([int(x) for x in items], np.int32)
+  if all(x is items[0] for x in items):
+    return jnp.asarray(items[0], jnp.int32).reshape(())
+  return jnp.stack([jnp.asarray(x, jnp.int32).reshape(()) for x in items])
+
+
+def _pick(column, index):
+  """``column[index]``, clamped (index is n when no record failed)."""
+  if isinstance(column, np.ndarray):
+    if (column == column[0]).all():
+      return jnp.int32(column[0])
+    column = jnp.asarray(column)
+  elif column.ndim == 0:
+    return column
+  return lax.dynamic_index_in_dim(column, index, keepdims=False)
 
 
 def _first(word, new, failed):
@@ -170,11 +314,16 @@ def bounds_report(ctx) -> list | None:
 
 
 def record_bounds(ctx, state, report, name: str, what: str):
-  """Records an error for every out-of-bounds indexer in ``report``."""
-  for bad, starts, shape in report or ():
+  """Records range checks for every indexer in ``report`` (see views.py).
+
+  Each entry is ``(ranges, starts, shape)``: per dimension ``(value, lo,
+  hi)`` ranges that must hold, and the starts reported on failure.
+  """
+  for ranges, starts, shape in report or ():
     starts = list(starts)[:_NUM_VALUES]
     where = placeholders(len(starts))
     template = (f"out of bounds: {what} of {name} at index [{where}] (the "
                 f"start of each dimension) in a view of shape {shape}")
-    state = record(state, ctx.sites, ctx.grid_step, bad, template, starts)
+    state = record_outside(state, ctx.sites, ctx.grid_step, ranges, template,
+                           starts)
   return state
