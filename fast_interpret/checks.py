@@ -9,6 +9,19 @@ error wins, as on hardware where the first fault stops the kernel. (Checks
 of the whole grid made before the loop, see schedule.py, record the step they
 concern, so a kernel error at an earlier step still wins over them.)
 
+Stages of a check:
+  1. ``record_outside`` (a value against static limits, one range per
+     dimension of an index) or ``record`` (a boolean, the range [0, 0] of
+     its predicate) adds a pending ``Record`` to the state; a value known
+     while tracing is checked now. ``Record.gated`` masks records of
+     predicated code.
+  2. ``flush``, at the end of each straight run of code, keeps one record
+     per (value, limits, gate, step), and folds the run into the word with
+     one scalar select chain per word slot (one fused XLA kernel for the
+     run, not one per check).
+  3. ``raise_if_failed``, after the grid, raises through one host callback
+     reached only when the word holds an error.
+
 After the grid loop, one host callback reads the word and raises
 ``KernelCheckError`` with the kernel name, the operand, the grid step and the
 values. That callback is emitted only when some check is enabled and the
