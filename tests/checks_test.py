@@ -778,6 +778,34 @@ class FoldTest(chex.TestCase):
     got = self.variant(fold)(jnp.int32(5), jnp.bool_(gate))
     self.assertEqual(int(got), 1 if gate else 0)
 
+  @parameterized.named_parameters(
+      ("first", 0, 2, r"scratch\[0\] is left at 2"),
+      ("third_row_1", 3, 5, r"scratch\[2\] is left at 5"),
+      ("none", None, 0, None))
+  def test_semaphores_left_found_among_many(self, which, count, message):
+    # Scratch: two single semaphores and one of shape (2,); ``which`` is the
+    # flat position of the one left at ``count`` (position 3 is row 1 of the
+    # third).
+    def kernel(x_ref, o_ref, a, b, c):
+      sems = [a, b, c.at[0], c.at[1]]
+      for k, sem in enumerate(sems):
+        pl.semaphore_signal(sem, 1)
+        pl.semaphore_wait(sem, 1)
+        if k == which:
+          pl.semaphore_signal(sem, count)
+      o_ref[...] = x_ref[...]
+
+    call = pl.pallas_call(
+        kernel, out_shape=_sds((ROWS, LANES)), in_specs=[VMEM],
+        out_specs=VMEM, scratch_shapes=[REGULAR(()), REGULAR(()),
+                                        REGULAR((2,))], interpret=FI())
+    if message is None:
+      np.testing.assert_array_equal(call(X), X)
+      return
+    with self.assertRaisesRegex(Exception, SEM + r": " + message +
+                                " when the kernel ends"):
+      jax.block_until_ready(call(X))
+
   def test_static_value_out_of_range_raises_while_tracing(self):
     state, sites = _fresh()
     with self.assertRaisesRegex(checks.KernelCheckError,
