@@ -92,11 +92,9 @@ def _bounds(shape, indexer, report) -> None:
   ranges, starts = [], []
   for idx, dim in zip(indexer.indices, shape, strict=True):
     if isinstance(idx, _jax.Slice):
-      start = idx.start
-      reach = _static_int((idx.size - 1) * idx.stride) if _static_int(
-          idx.size) is not None else None
-      if reach is not None:
-        ranges.append((_dynamic_if(start, start), 0, dim - 1 - reach))
+      start, size = idx.start, _static_int(idx.size)
+      if size is not None:  # The start must leave room for the window.
+        ranges.append((start, 0, dim - 1 - (size - 1) * idx.stride))
       else:
         last = start + (idx.size - 1) * idx.stride
         ranges.append((_dynamic_if(start, last), 0, _INT32_MAX))
