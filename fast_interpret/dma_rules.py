@@ -123,12 +123,12 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
   if ctx.check_semaphores and what and ctx.defer_waits:
     ctx.pending_waits.append((handle.buffer_id, handle.name, what))
   elif ctx.check_semaphores and what:
-    state = checks.record(
-        state, ctx.sites, ctx.grid_step, jnp.any(new < 0),
+    low = jnp.min(new)
+    state = checks.record_outside(
+        state, ctx.sites, ctx.grid_step, [(low, 0, _INT32_MAX)],
         f"semaphore: {what} on {handle.name} waits for more than was "
         "signalled (count would be {0}); on a TPU this wait never returns"
-        + (_LOCKSTEP_HINT if ctx.lockstep is not None else ""),
-        [jnp.min(new)])
+        + (_LOCKSTEP_HINT if ctx.lockstep is not None else ""), [low])
   return state
 
 
@@ -147,14 +147,16 @@ def check_pending_waits(ctx: RuleContext, state: KernelState, buffer_ids=None
     if bid in seen:
       continue
     seen.add(bid)
-    value = state.read(bid)
-    state = checks.record(
-        state, ctx.sites, ctx.grid_step, jnp.any(value < 0),
+    low = jnp.min(state.read(bid))
+    state = checks.record_outside(
+        state, ctx.sites, ctx.grid_step, [(low, 0, _INT32_MAX)],
         f"semaphore: {what} on {name} (in a branch with remote ops) waits for "
         "more than was signalled by the end of the grid step (count {0}); "
-        "on a TPU this wait never returns", [jnp.min(value)])
+        "on a TPU this wait never returns", [low])
   return state
 
+
+_INT32_MAX = 2**31 - 1
 
 _LOCKSTEP_HINT = (
     ", unless another core signals it later: simulated cores switch only at "

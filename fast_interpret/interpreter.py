@@ -182,7 +182,7 @@ def mask_inactive(ctx: RuleContext, before: KernelState, after: KernelState
   # Check records the rule added fail only where it ran.
   n = len(before.pending)
   pending = after.pending[:n] + tuple(
-      (failed & ctx.active, word) for failed, word in after.pending[n:])
+      r.gated(ctx.active) for r in after.pending[n:])
   return dataclasses.replace(after.with_buffers(kept), pending=pending)
 
 

@@ -302,11 +302,10 @@ class StepwiseSchedule:
       for op, idx in zip(self._operands, indices, strict=True):
         if op.block_id is None:
           continue
-        bad = False
-        for i, limit in zip(idx, block_limits(op), strict=True):
-          bad = bad | (jnp.asarray(i) < 0) | (jnp.asarray(i) >= limit)
-        state = checks.record(state, ctx.sites, ctx.grid_step, bad,
-                              _block_index_template(op), list(idx))
+        ranges = [(i, 0, limit - 1)
+                  for i, limit in zip(idx, block_limits(op), strict=True)]
+        state = checks.record_outside(state, ctx.sites, ctx.grid_step, ranges,
+                                      _block_index_template(op), list(idx))
     return state, Row(coords, indices)
 
   def write_backs(self, ctx, state, step, row: Row, is_last):

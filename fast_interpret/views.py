@@ -78,31 +78,46 @@ def _as_window(indexer):
 
 
 def _bounds(shape, indexer, report) -> None:
-  """Appends ``(out_of_bounds, starts, shape)`` for ``indexer`` to ``report``.
+  """Appends ``(ranges, starts, shape)`` for ``indexer`` to ``report``.
 
-  ``out_of_bounds`` is a Python bool when the indices are static, else a
-  traced scalar bool.
+  ``ranges`` holds, per dimension, ``(value, lo, hi)`` triples with static
+  limits that must hold (see ``checks.record_outside``): a scalar index or
+  a slice's start against the last start that fits; the smallest and largest
+  element of an array index, or the first and last row of a slice of
+  dynamic size, separately. A dimension whose indices are all static gives
+  static values, checked while tracing.
   """
   if report is None:
     return
-  static_bad, dynamic_bad, starts = False, None, []
+  ranges, starts = [], []
   for idx, dim in zip(indexer.indices, shape, strict=True):
     if isinstance(idx, _jax.Slice):
-      start, last = idx.start, idx.start + (idx.size - 1) * idx.stride
-      lo, hi = start, last
+      start, size = idx.start, _static_int(idx.size)
+      if size is not None:  # The start must leave room for the window.
+        ranges.append((start, 0, dim - 1 - (size - 1) * idx.stride))
+      else:
+        last = start + (idx.size - 1) * idx.stride
+        ranges.append((_dynamic_if(start, last), 0, _INT32_MAX))
+        ranges.append((_dynamic_if(last, start), _INT32_MIN, dim - 1))
+    elif getattr(idx, "shape", ()) != ():
+      start = jnp.min(idx)
+      ranges.append((start, 0, _INT32_MAX))
+      ranges.append((jnp.max(idx), _INT32_MIN, dim - 1))
     else:
-      lo = hi = idx
-      if getattr(idx, "shape", ()) != ():
-        lo, hi = jnp.min(idx), jnp.max(idx)
-      start = lo
+      start = idx
+      ranges.append((idx, 0, dim - 1))
     starts.append(start)
-    if _static_int(lo) is not None and _static_int(hi) is not None:
-      static_bad = static_bad or _static_int(lo) < 0 or _static_int(hi) >= dim
-    else:
-      here = (jnp.asarray(lo) < 0) | (jnp.asarray(hi) >= dim)
-      dynamic_bad = here if dynamic_bad is None else dynamic_bad | here
-  bad = True if static_bad else (False if dynamic_bad is None else dynamic_bad)
-  report.append((bad, starts, tuple(shape)))
+  report.append((ranges, starts, tuple(shape)))
+
+
+_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
+
+
+def _dynamic_if(value, other):
+  """``value``, traced when ``other`` is: a dimension is static as a whole."""
+  if _static_int(value) is not None and _static_int(other) is None:
+    return jnp.asarray(value)
+  return value
 
 
 def _strided_read(x: Array, indexer, fill=None) -> Array | None:

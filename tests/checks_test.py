@@ -42,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+from fast_interpret import checks
+from fast_interpret import views
+from fast_interpret.state import KernelState
 
 FI = fast_interpret.FastInterpretParams
 VMEM = pl.BlockSpec(memory_space=pltpu.VMEM)
@@ -612,6 +615,215 @@ class ErrorReportingTest(chex.TestCase):
     out = fn(_i32(0, 4, 8), _i32(8, 0, 2), X)
     np.testing.assert_array_equal(
         out, jnp.concatenate([X[0:8], X[4:12], X[8:16]]))
+
+
+# ---------------------------------------------------------------------------
+# Folding check records into the error word (checks.flush), directly.
+
+_BIG = 2**31 - 1
+
+
+def _fresh(word=None):
+  word = checks.initial_word() if word is None else jnp.asarray(word, jnp.int32)
+  return KernelState({checks.ERROR_ID: word}), checks.Sites("k")
+
+
+def _expected_word(values, limits, step, sites=None):
+  """The word a sequential check-by-check reading gives (NumPy)."""
+  for i, (v, (lo, hi)) in enumerate(zip(values, limits, strict=True)):
+    if not lo <= int(v) <= hi:
+      site = i if sites is None else sites[i]
+      return np.array([site + 1, step, int(v), i, 0, 0, 0, 0], np.int32)
+  return np.zeros(8, np.int32)
+
+
+class FoldTest(chex.TestCase):
+
+  def _fold_ranges(self, limits, step=3):
+    def fold(values):
+      state, sites = _fresh()
+      for i, (lo, hi) in enumerate(limits):
+        state = checks.record_outside(
+            state, sites, step, [(values[i], lo, hi)], f"site {i}: {{0}}",
+            [values[i], i])
+      self.assertLen(state.pending, len(limits))
+      return checks.flush(state).read(checks.ERROR_ID)
+    return fold
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("none_fails", [1, 2, 3, 4]),
+      ("first_fails", [-1, 2, 3, 4]),
+      ("last_fails", [1, 2, 3, 40]),
+      ("two_fail_first_wins", [1, 20, 3, -4]))
+  def test_many_records_one_word(self, values):
+    limits = [(0, 7), (0, 15), (2, 3), (-5, 5)]
+    fold = self.variant(self._fold_ranges(limits))
+    np.testing.assert_array_equal(
+        fold(jnp.asarray(values, jnp.int32)),
+        _expected_word(values, limits, 3))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_random_runs_match_sequential_checks(self):
+    rng = np.random.default_rng(0)
+    limits = [tuple(sorted(rng.integers(-20, 20, 2))) for _ in range(40)]
+    fold = self.variant(self._fold_ranges(limits))
+    for _ in range(5):
+      values = rng.integers(-25, 25, 40).astype(np.int32)
+      np.testing.assert_array_equal(fold(jnp.asarray(values)),
+                                    _expected_word(values, limits, 3))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_flush_keeps_earlier_step_recorded_before(self):
+    def fold(values, word):
+      state, sites = _fresh(word)
+      state = checks.record_outside(state, sites, 5, [(values[0], 0, 3)],
+                                    "a {0}", [values[0]])
+      return checks.flush(state).read(checks.ERROR_ID)
+    fold = self.variant(fold)
+    earlier = np.array([7, 2, 1, 0, 0, 0, 0, 0], np.int32)
+    same = np.array([7, 5, 1, 0, 0, 0, 0, 0], np.int32)
+    later = np.array([7, 9, 1, 0, 0, 0, 0, 0], np.int32)
+    bad = jnp.asarray([10], jnp.int32)
+    np.testing.assert_array_equal(fold(bad, earlier), earlier)
+    np.testing.assert_array_equal(fold(bad, same), same)
+    np.testing.assert_array_equal(
+        fold(bad, later), [1, 5, 10, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(fold(jnp.asarray([1], jnp.int32), later),
+                                  later)
+
+  def test_duplicates_folded_once_first_reported(self):
+    def fold(v):
+      state, sites = _fresh()
+      for template in ("first {0}", "second {0}", "third {0}"):
+        state = checks.record_outside(state, sites, 0, [(v, 0, 3)],
+                                      template, [v])
+      return checks.flush(state).read(checks.ERROR_ID)
+    word = jax.jit(fold)(jnp.int32(9))
+    np.testing.assert_array_equal(word, [1, 0, 9, 0, 0, 0, 0, 0])
+    # One value compared (against lo and hi), not three.
+    jaxpr = jax.make_jaxpr(fold)(jnp.int32(9))
+    compares = [e for e in jaxpr.eqns if e.primitive.name in ("lt", "gt")]
+    self.assertLen(compares, 2)
+
+  def test_same_value_other_limits_or_gate_not_merged(self):
+    def fold(v, gate):
+      state, sites = _fresh()
+      state = checks.record_outside(state, sites, 0, [(v, 0, 20)], "wide", [v])
+      state = checks.add_records(state, [r.gated(gate) for r in
+                                         checks.record_outside(
+                                             _fresh()[0], sites, 0,
+                                             [(v, 0, 3)], "gated", [v]
+                                         ).pending])
+      state = checks.record_outside(state, sites, 0, [(v, 0, 3)], "narrow",
+                                    [v])
+      return checks.flush(state).read(checks.ERROR_ID)
+    fold = jax.jit(fold)
+    # Sites: 0 wide, 1 gated, 2 narrow.
+    self.assertEqual(int(fold(jnp.int32(9), True)[0]), 2)
+    self.assertEqual(int(fold(jnp.int32(9), False)[0]), 3)
+    self.assertEqual(int(fold(jnp.int32(30), False)[0]), 1)
+    self.assertEqual(int(fold(jnp.int32(2), True)[0]), 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("dim0", (9, 0), 0), ("dim1", (0, 200), 1), ("both", (-1, 200), 0),
+      ("inside", (8, 0), None))
+  def test_range_record_per_dimension(self, start, bad_dim):
+    indexer = _jax_indexer((16, 256), start, (8, 128))
+
+    def fold(i, j):
+      state, sites = _fresh()
+      report = []
+      views._bounds((16, 256), indexer(i, j), report)
+      [(ranges, starts, shape)] = report
+      self.assertLen(ranges, 2)
+      self.assertEqual(shape, (16, 256))
+      state = checks.record_outside(state, sites, 1, ranges, "view {0} {1}",
+                                    starts)
+      return checks.flush(state).read(checks.ERROR_ID)
+
+    word = self.variant(fold)(jnp.int32(start[0]), jnp.int32(start[1]))
+    if bad_dim is None:
+      np.testing.assert_array_equal(word, np.zeros(8, np.int32))
+    else:
+      np.testing.assert_array_equal(word, [1, 1, *start, 0, 0, 0, 0])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("uint32_huge_fails_negative_lo", np.uint32, 3_000_000_000,
+       (-2**31, 10), True),
+      ("uint32_inside_negative_lo", np.uint32, 5, (-5, 10), False),
+      ("uint8_max_inside", np.uint8, 255, (-1, 255), False),
+      ("uint16_over", np.uint16, 300, (-1, 299), True),
+      ("int8_negative", np.int8, -3, (0, 10), True),
+      ("bool_true_fails_zero_range", np.bool_, True, (0, 0), True))
+  def test_value_dtypes(self, dtype, value, limits, fails):
+    def fold(v):
+      state, sites = _fresh()
+      state = checks.record_outside(state, sites, 0, [(v, *limits)], "x", [])
+      return checks.flush(state).read(checks.ERROR_ID)[0]
+    got = self.variant(fold)(jnp.asarray(value, dtype))
+    self.assertEqual(int(got), 1 if fails else 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("open", True), ("closed", False))
+  def test_gated_record_fails_only_where_gate_holds(self, gate):
+    def fold(v, g):
+      state, sites = _fresh()
+      state = checks.record_outside(state, sites, 0, [(v, 0, 3)], "x", [v])
+      state = dataclasses.replace(
+          state, pending=tuple(r.gated(g) for r in state.pending))
+      return checks.flush(state).read(checks.ERROR_ID)[0]
+    got = self.variant(fold)(jnp.int32(5), jnp.bool_(gate))
+    self.assertEqual(int(got), 1 if gate else 0)
+
+  @parameterized.named_parameters(
+      ("first", 0, 2, r"scratch\[0\] is left at 2"),
+      ("third_row_1", 3, 5, r"scratch\[2\] is left at 5"),
+      ("none", None, 0, None))
+  def test_semaphores_left_found_among_many(self, which, count, message):
+    # Scratch: two single semaphores and one of shape (2,); ``which`` is the
+    # flat position of the one left at ``count`` (position 3 is row 1 of the
+    # third).
+    def kernel(x_ref, o_ref, a, b, c):
+      sems = [a, b, c.at[0], c.at[1]]
+      for k, sem in enumerate(sems):
+        pl.semaphore_signal(sem, 1)
+        pl.semaphore_wait(sem, 1)
+        if k == which:
+          pl.semaphore_signal(sem, count)
+      o_ref[...] = x_ref[...]
+
+    call = pl.pallas_call(
+        kernel, out_shape=_sds((ROWS, LANES)), in_specs=[VMEM],
+        out_specs=VMEM, scratch_shapes=[REGULAR(()), REGULAR(()),
+                                        REGULAR((2,))], interpret=FI())
+    if message is None:
+      np.testing.assert_array_equal(call(X), X)
+      return
+    with self.assertRaisesRegex(Exception, SEM + r": " + message +
+                                " when the kernel ends"):
+      jax.block_until_ready(call(X))
+
+  def test_static_value_out_of_range_raises_while_tracing(self):
+    state, sites = _fresh()
+    with self.assertRaisesRegex(checks.KernelCheckError,
+                                r"fast_interpret: x 12 .*found while tracing"):
+      checks.record_outside(state, sites, 0, [(12, 0, 3)], "x {0}", [12])
+    state = checks.record_outside(state, sites, 0, [(2, 0, 3)], "x {0}", [2])
+    self.assertEqual(state.pending, ())
+
+
+def _jax_indexer(shape, start, size):
+  """A function of the two starts: the NDIndexer of ``pl.ds`` windows."""
+  del start
+  def make(i, j):
+    # validate=False: NDIndexer rejects concrete out-of-range starts itself.
+    return fast_interpret._jax.NDIndexer(
+        (fast_interpret._jax.Slice(i, size[0]),
+         fast_interpret._jax.Slice(j, size[1])), shape, (), validate=False)
+  return make
 
 
 # ---------------------------------------------------------------------------
