@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -51,6 +52,7 @@ import numpy as np
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
+from fast_interpret.state import RefHandle
 
 _HINT = ("Call the kernel inside jax.shard_map over every axis of the mesh "
          "whose devices it addresses.")
@@ -458,69 +460,241 @@ class _Packing:
 # --- The exchange -----------------------------------------------------------
 
 
-def exchange(mesh: DeviceMesh, valid, target, tree, carry, apply):
-  """Applies what every device sent to this one.
+@dataclasses.dataclass(frozen=True)
+class Send:
+  """A remote op issued on every device, waiting to be delivered.
 
-  Returns ``carry`` after ``carry = apply(hit, sent, carry)`` for each
-  device that may have sent to this one: ``sent`` is ``tree`` as that
-  sender computed it, ``hit`` a bool (the sender issued the op and targets
-  this device; the Python ``True`` when that is sure). Leaves of ``tree``
-  that are not traced are the same on every device and are not sent.
-
-  When every device's target is known while tracing and no two devices
-  target the same one (``static_permutation``), that is one ``ppermute``;
-  otherwise every device gathers what every device sent and applies the
-  entries aimed at it, in sender order (a ``fori_loop`` over logical ids,
-  so the program does not grow with the mesh). Either way the valid flag,
-  scalar indices and payloads travel packed as one vector of 32-bit words.
+  Attributes:
+    valid: whether this device issued it: a traced bool, or the Python
+      ``True`` (not sent then).
+    target: the logical id of the receiver, an int32 scalar.
+    perm: ``(sender, receiver)`` pairs when every device's target is known
+      while tracing and no two coincide (``static_permutation``), else None.
+    tree: what the receiver needs, as the sender computed it. Leaves that
+      are not traced are the same on every device and are not sent.
+    buffer_ids: the buffers ``apply`` changes on the receiver.
+    apply: ``apply(hit, tree, buffers) -> buffers``: the receipt, on a dict
+      from buffer id to value; ``hit`` says whether a sender's op reached
+      this device (the Python ``True`` when that is sure).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  sent = [i for i, leaf in enumerate(leaves)
-          if isinstance(leaf, jax.core.Tracer)]
+
+  valid: Any
+  target: Any
+  perm: tuple[tuple[int, int], ...] | None
+  tree: Any
+  buffer_ids: frozenset[int]
+  apply: Callable[..., dict]
+
+
+def make_send(mesh: DeviceMesh, valid, target, tree, buffer_ids, apply
+              ) -> Send:
+  """A ``Send``, its permutation found from ``target`` (``static_targets``)."""
   perm = static_permutation(static_targets(mesh, target), mesh.size)
-  # What travels: [valid] + [target] + the traced leaves.
-  head = ([] if valid is True else [jnp.asarray(valid, jnp.bool_)])
-  if perm is None and isinstance(target, jax.core.Tracer):
-    head.append(jnp.asarray(target, jnp.int32))
-  values = head + [leaves[i] for i in sent]
+  return Send(valid, target, perm, tree, frozenset(buffer_ids), apply)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wire:
+  """How one ``Send`` travels: its values, in a combined packing at ``at``."""
+
+  send: Send
+  values: tuple[Any, ...]  # [valid] + [target] + the traced leaves.
+  head: int                # How many of ``values`` are valid and target.
+  sent: tuple[int, ...]    # Indices of the traced leaves of ``send.tree``.
+
+  @classmethod
+  def of(cls, send: Send, with_target: bool) -> _Wire:
+    leaves = jax.tree_util.tree_leaves(send.tree)
+    sent = tuple(i for i, leaf in enumerate(leaves)
+                 if isinstance(leaf, jax.core.Tracer))
+    head = [] if send.valid is True else [jnp.asarray(send.valid, jnp.bool_)]
+    if with_target and isinstance(send.target, jax.core.Tracer):
+      head.append(jnp.asarray(send.target, jnp.int32))
+    return cls(send, tuple(head) + tuple(leaves[i] for i in sent), len(head),
+               sent)
+
+  def received(self, got) -> tuple[Any, Any, Any]:
+    """(valid, target, tree) of what a sender sent, from its ``values``."""
+    leaves, treedef = jax.tree_util.tree_flatten(self.send.tree)
+    for i, v in zip(self.sent, got[self.head:], strict=True):
+      leaves[i] = v
+    rest = list(got[:self.head])
+    valid = True if self.send.valid is True else rest.pop(0)
+    target = rest.pop(0) if rest else self.send.target
+    return valid, target, treedef.unflatten(leaves)
+
+
+def _pack(wires):
+  """One packing of the values of ``wires``; returns it and each's span."""
+  values, spans = [], []
+  for w in wires:
+    spans.append((len(values), len(values) + len(w.values)))
+    values += w.values
   packing = _Packing.of(values)
   packed, alone = packing.pack(values)
+  return packing, values, spans, packed, alone
+
+
+# A flush whose sends go more than one way is one all-gather while it moves
+# at most this many words per device; beyond, one ppermute per permutation
+# (an all-gather moves mesh-size times the data; on a CPU the count of
+# collectives costs more than their size until the payloads are large).
+_GATHER_MAX_WORDS = 1 << 18
+
+
+def deliver(mesh: DeviceMesh, sends, buffers: dict) -> dict:
+  """Delivers ``sends`` (in issue order) to every device, in few collectives.
+
+  Returns ``buffers`` after each send's ``apply`` for what reached this
+  device. When every send has a static permutation and they all share one,
+  their values travel packed in one vector of 32-bit words, by one
+  ``ppermute``. When they go several ways, or a target is only known at run
+  time, every device gathers every device's vector once (``all_gather``)
+  and picks what was aimed at it: for a static permutation, the one sender
+  (a table lookup); otherwise each sender in logical-id order (a
+  ``fori_loop`` over the mesh, so the program does not grow with it). Large
+  payloads going several static ways move by one ppermute per permutation
+  instead. Either way receipts are applied in issue order, each op's
+  senders in logical-id order: the order of delivering them one by one.
+  """
+  sends = list(sends)
+  if not sends:
+    return buffers
   me = mesh.my_id()
+  perms = list(dict.fromkeys(s.perm for s in sends))
+  wires = [_Wire.of(s, with_target=s.perm is None) for s in sends]
+  words = sum(_word_count(jnp.asarray(v)) or 0 for w in wires
+              for v in w.values)
+  if None not in perms and (len(perms) == 1
+                            or words * mesh.size > _GATHER_MAX_WORDS):
+    got = {}
+    for perm in perms:
+      group = [i for i, s in enumerate(sends) if s.perm == perm]
+      got.update(zip(group, _permute(mesh, perm, [wires[i] for i in group]),
+                     strict=True))
+    for i, s in enumerate(sends):
+      buffers = s.apply(*got[i], buffers)
+    return buffers
 
-  def unflatten(got):
-    out = list(leaves)
-    for i, v in zip(sent, got[len(head):], strict=True):
-      out[i] = v
-    return treedef.unflatten(out)
-
-  if perm is not None:
-    names = tuple(mesh.axis_names)
-    move = lambda x: lax.ppermute(x, names, perm)
-    got = packing.unpack(None if packed is None else move(packed),
-                         [move(v) for v in alone], values)
-    if valid is not True:
-      hit = got[0]
-    elif len(perm) == mesh.size:
-      hit = True
-    else:
-      receives = np.zeros(mesh.size, np.bool_)
-      receives[[t for _, t in perm]] = True
-      hit = jnp.asarray(receives)[me]
-    return apply(hit, unflatten(got), carry)
-
+  packing, values, spans, packed, alone = _pack(wires)
   all_packed = None if packed is None else mesh.gather(packed)
   all_alone = [mesh.gather(v) for v in alone]
 
-  def receive(s, carry):
-    got = packing.unpack(None if all_packed is None else all_packed[s],
-                         [v[s] for v in all_alone], values)
-    to = got[len(head) - 1] if isinstance(target, jax.core.Tracer) else target
-    hit = jnp.asarray(to, jnp.int32) == me
-    if valid is not True:
-      hit = hit & got[0]
-    return apply(hit, unflatten(got), carry)
+  def row(sender):
+    return packing.unpack(None if all_packed is None else all_packed[sender],
+                          [v[sender] for v in all_alone], values)
 
-  return lax.fori_loop(0, mesh.size, receive, carry)
+  for w, (lo, hi) in zip(wires, spans, strict=True):
+    s = w.send
+    if s.perm is not None:
+      source = np.full(mesh.size, -1, np.int32)
+      for sender, receiver in s.perm:
+        source[receiver] = sender
+      sender = jnp.asarray(source)[me]
+      valid, _, tree = w.received(row(jnp.maximum(sender, 0))[lo:hi])
+      hit = valid if (source >= 0).all() else (sender >= 0) & valid
+      buffers = s.apply(hit, tree, buffers)
+      continue
+
+    def receive(sender, buffers, w=w, lo=lo, hi=hi):
+      valid, to, tree = w.received(row(sender)[lo:hi])
+      hit = jnp.asarray(to, jnp.int32) == me
+      if valid is not True:
+        hit = hit & valid
+      return w.send.apply(hit, tree, buffers)
+
+    buffers = lax.fori_loop(0, mesh.size, receive, buffers)
+  return buffers
+
+
+def _permute(mesh: DeviceMesh, perm, wires):
+  """(hit, tree) of each of ``wires``, moved by one ppermute along ``perm``."""
+  packing, values, spans, packed, alone = _pack(wires)
+  names = tuple(mesh.axis_names)
+  move = lambda x: lax.ppermute(x, names, perm)
+  got = packing.unpack(None if packed is None else move(packed),
+                       [move(v) for v in alone], values)
+  if len(perm) == mesh.size:
+    receives = True
+  else:
+    table = np.zeros(mesh.size, np.bool_)
+    table[[t for _, t in perm]] = True
+    receives = jnp.asarray(table)[mesh.my_id()]
+  out = []
+  for w, (lo, hi) in zip(wires, spans, strict=True):
+    valid, _, tree = w.received(got[lo:hi])
+    if valid is True:
+      hit = receives
+    else:
+      hit = valid if receives is True else valid & receives
+    out.append((hit, tree))
+  return out
+
+
+# --- Deferring sends ----------------------------------------------------------
+
+
+def post(ctx, state, send: Send):
+  """Issues ``send``: into ``ctx.outbox`` when there is one, else delivered.
+
+  A send waits in the outbox until something could observe it (see
+  ``observed_ids``) or the jaxpr being evaluated ends, so that back-to-back
+  remote ops become one exchange.
+  """
+  if ctx.outbox is None:
+    return _deliver_into(ctx.mesh, state, [send])
+  ctx.outbox.append(send)
+  return state
+
+
+def flush(ctx, state):
+  """Delivers every send waiting in ``ctx.outbox``; empties it."""
+  if not ctx.outbox:
+    return state
+  sends = list(ctx.outbox)
+  ctx.outbox.clear()
+  return _deliver_into(ctx.mesh, state, sends)
+
+
+def _deliver_into(mesh, state, sends):
+  ids = sorted(set().union(*(s.buffer_ids for s in sends)))
+  buffers = deliver(mesh, sends, {i: state.read(i) for i in ids})
+  for i in ids:
+    state = state.write(i, buffers[i])
+  return state
+
+
+def must_flush(ctx, eqn, invals) -> bool:
+  """Whether sends in ``ctx.outbox`` must land before ``eqn`` runs."""
+  if not ctx.outbox:
+    return False
+  waiting = set().union(*(s.buffer_ids for s in ctx.outbox))
+  return not waiting.isdisjoint(observed_ids(eqn, invals))
+
+
+def observed_ids(eqn, invals) -> set[int]:
+  """Buffers whose contents ``eqn`` may read or change.
+
+  Any ref operand counts (a loop or branch passes in only the refs it
+  uses), except for remote ops: a remote DMA reads only its source now, and
+  its receipt, like a remote signal's, is applied after earlier ones.
+  Semaphore sends and a DMA's local send-semaphore count only add, so they
+  commute with the receipts waiting.
+  """
+  if eqn.primitive is _jax.dma_start_p:
+    src, _, _, _, device_id = _jax.tree_unflatten(eqn.params["tree"], invals)
+    if device_id is not None:
+      return {_buffer_id(src)}
+  elif eqn.primitive is _jax.semaphore_signal_p and _jax.tree_unflatten(
+      eqn.params["args_tree"], invals)[3] is not None:
+    return set()
+  return {_buffer_id(v) for v in invals if _buffer_id(v) is not None}
+
+
+def _buffer_id(ref) -> int | None:
+  if not isinstance(ref, RefHandle):
+    ref = getattr(ref, "ref", None)  # A TransformedRef's handle, if one.
+  return ref.buffer_id if isinstance(ref, RefHandle) else None
 
 
 def first_error(mesh: DeviceMesh, word):
