@@ -10,11 +10,12 @@ bytes copied when it starts (a count the wait is then sure to find), and
 semaphores are integer counters changed by ``pl.semaphore_signal`` /
 ``semaphore_wait``.
 
-A remote DMA (``make_async_remote_copy``) or signal (``device_id=...``) is an
-exchange between all devices of the mesh at the same program point (see
-remote.py): the payload lands in the receiver's destination, whose receive
-semaphore gets the bytes; the sender's send semaphore gets them too. Waits
-are always local.
+A remote DMA (``make_async_remote_copy``) or signal (``device_id=...``) is a
+``remote.Send``, delivered by an exchange between all devices of the mesh
+together with the other remote ops issued before anything could observe
+them (see remote.py): the payload lands in the receiver's destination,
+whose receive semaphore gets the bytes; the sender's send semaphore gets
+them when the op is issued. Waits are always local.
 
 Fidelity lost: DMA latency and overlap with compute; in ``eager`` mode, reads
 of a destination before its wait already see the new data.

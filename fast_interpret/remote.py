@@ -4,36 +4,50 @@ A kernel called inside ``jax.shard_map`` is lowered once, in the per-device
 body of the SPMD program: every device runs the same compiled simulation.
 We model the devices as running that program in lockstep, so a remote copy
 or signal is executed by all of them at the same program point, and is
-compiled as a collective over the mesh axes (``exchange``):
+delivered by a collective over the mesh axes:
 
-  1. Every device contributes what it sends: a valid flag (False on a device
-     whose branch does not issue the op, see ``RuleContext.active``; not
-     sent outside such branches), the logical id of the target device, the
-     payload, and the dynamic indices of the destination view and semaphore
-     (the sender computes them, as on TPU), packed into one vector of
-     32-bit words.
-  2. If the target is a function of the device alone (``static_targets``
-     looks back through the trace to ``lax.axis_index`` and evaluates it
-     with NumPy for every device) and no two devices target the same one
-     (``static_permutation``), one ``ppermute`` moves the vector from each
-     sender to its target. Otherwise one ``all_gather`` hands every device
-     what every device sent.
-  3. The receiver applies what reached it (after an all-gather: in sender
-     order, the entries whose target is its own id, whose valid flag is
-     set): it writes the payload into its destination view and adds to its
-     semaphore (bytes for a DMA, ``inc`` for a signal).
+  1. A remote op becomes a ``Send``: a valid flag (False on a device whose
+     branch does not issue the op, see ``RuleContext.active``; not sent
+     outside such branches), the logical id of the target device, the
+     payload, the dynamic indices of the destination view and semaphore
+     (the sender computes them, as on TPU), and the receipt to apply.
+     Values known while tracing (a signal's ``inc`` of 1, static indices)
+     are the same on every device and are not sent.
+  2. ``post`` puts it in the outbox of the jaxpr being evaluated
+     (interpreter.eval_jaxpr). It waits there until an equation could
+     observe what it delivers (``must_flush``: a ref operand naming a
+     buffer it changes; a remote DMA reads only its source), or the jaxpr
+     ends. Then ``flush`` delivers every waiting send in one exchange.
+  3. ``deliver``: if every waiting send's target is a function of the device
+     alone (``static_targets`` looks back through the trace to
+     ``lax.axis_index`` and evaluates it with NumPy for every device) and no
+     two devices target the same one (``static_permutation``), and all share
+     one permutation, one ``ppermute`` moves their values, packed into one
+     vector of 32-bit words; with nothing traced to send (a static signal
+     along a static permutation) there is no collective at all. Sends going
+     several ways, or to targets known only at run time, are one
+     ``all_gather`` of every device's vector.
+  4. The receiver applies what reached it, in issue order (after an
+     all-gather: for a static permutation its one sender; otherwise in
+     sender order, the entries whose target is its own id and whose valid
+     flag is set): it writes the payload into its destination view and adds
+     to its semaphore (bytes for a DMA, ``inc`` for a signal).
 
 ``same_on_every_device`` tells control flow (control_rules) when a branch
 condition depends on the grid step alone, so that branches with remote ops
 in them need no predication.
 
-Fidelity: a remote write lands at the same program point on the receiver
-(an eager, valid schedule of a correctly synchronised kernel); run-ahead,
-races and delivery order between simultaneous senders are not modelled.
-Cost: a ppermute moves the payload once; the all-gather fallback moves
-mesh-size times the payload per device, cheap for the few devices a CPU
-simulates. Each remote op is one collective, and on a CPU the number of
-collectives, not their size, is what a multi-device kernel's time is made of.
+Fidelity: a remote write lands on the receiver before anything there could
+read it, at the latest at the end of the jaxpr (loop body, branch, kernel)
+that issued it: an eager, valid schedule of a correctly synchronised
+kernel; run-ahead, races and delivery order between simultaneous senders
+are not modelled. Deferring changes no result: a send is delivered before
+any read of its destination buffer or semaphore, and receipts keep their
+issue order. Cost: on a CPU the number of collectives, not their size, is
+what a multi-device kernel's time is made of, so a flush is one collective
+(a ppermute moves the payload once; the all-gather moves mesh-size times
+it, cheap for the few devices a CPU simulates; beyond ``_GATHER_MAX_WORDS``
+sends going several ways take one ppermute per way).
 """
 
 from __future__ import annotations
