@@ -237,7 +237,7 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
 
   return remote.post(ctx, state, remote.make_send(
       ctx.mesh, valid, target, (value, dst_t, sem_t), (dst_id, sem_id),
-      receive)), []
+      receive, boxes=[(dst_id, remote.view_box(dst_t))])), []
 
 
 @register_rule(_jax.dma_wait_p)

@@ -150,13 +150,15 @@ def is_pure(eqn: _jax.JaxprEqn) -> bool:
 
 
 def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
-               consts: Sequence[Any], args: Sequence[Any]
+               consts: Sequence[Any], args: Sequence[Any],
+               keep_sends: list | None = None
                ) -> tuple[KernelState, list[Any]]:
   """Simulates ``jaxpr`` on ``state``; returns the new state and outputs.
 
   In a multi-device kernel, remote ops wait in an outbox of this jaxpr's own
   until an equation could observe what they deliver, or the jaxpr ends; all
-  waiting then move in one exchange (remote.py).
+  waiting then move in one exchange (remote.py). With ``keep_sends`` (a
+  list), those still waiting at the end are moved there, undelivered.
   """
   if ctx.mesh is not None:
     ctx = dataclasses.replace(ctx, outbox=[])
@@ -175,12 +177,14 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
     invals = [read(v) for v in eqn.invars]
-    if ctx.outbox and remote.must_flush(ctx, eqn, invals):
-      state = remote.flush(ctx, state)
+    if ctx.outbox:
+      state = remote.flush(ctx, state, remote.observed_sends(ctx, eqn, invals))
     state, outvals = eval_eqn(ctx, state, eqn, invals)
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
-  if ctx.outbox:
+  if ctx.outbox and keep_sends is not None:
+    keep_sends.extend(ctx.outbox)
+  elif ctx.outbox:
     state = remote.flush(ctx, state)
   return state, [read(v) for v in jaxpr.outvars]
 

@@ -15,9 +15,12 @@ delivered by a collective over the mesh axes:
      are the same on every device and are not sent.
   2. ``post`` puts it in the outbox of the jaxpr being evaluated
      (interpreter.eval_jaxpr). It waits there until an equation could
-     observe what it delivers (``must_flush``: a ref operand naming a
-     buffer it changes; a remote DMA reads only its source), or the jaxpr
-     ends. Then ``flush`` delivers every waiting send in one exchange.
+     observe what it delivers (``observed_sends``: a ref operand naming a
+     buffer it changes, unless the part read is known to be apart from the
+     part written; a remote DMA reads only its source), or the jaxpr ends.
+     Then ``flush`` delivers those sends in one exchange. A send still
+     waiting at the end of a branch of a switch that every device takes
+     alike leaves it as outputs (``slot_layout``, ``sends_of``).
   3. ``deliver``: if every waiting send's target is a function of the device
      alone (``static_targets`` looks back through the trace to
      ``lax.axis_index`` and evaluates it with NumPy for every device) and no
@@ -490,6 +493,11 @@ class Send:
     apply: ``apply(hit, tree, buffers) -> buffers``: the receipt, on a dict
       from buffer id to value; ``hit`` says whether a sender's op reached
       this device (the Python ``True`` when that is sure).
+    same_valid: ``valid`` is the same on every device (a send that left a
+      branch every device took alike, see ``sends_of``): not sent, the
+      receiver uses its own.
+    boxes: ``(buffer id, box)``: the part of a buffer it writes, where
+      known while tracing (``view_box``); other buffers count as whole.
   """
 
   valid: Any
@@ -498,13 +506,16 @@ class Send:
   tree: Any
   buffer_ids: frozenset[int]
   apply: Callable[..., dict]
+  same_valid: bool = False
+  boxes: tuple[tuple[int, Any], ...] = ()
 
 
-def make_send(mesh: DeviceMesh, valid, target, tree, buffer_ids, apply
-              ) -> Send:
+def make_send(mesh: DeviceMesh, valid, target, tree, buffer_ids, apply,
+              boxes=()) -> Send:
   """A ``Send``, its permutation found from ``target`` (``static_targets``)."""
   perm = static_permutation(static_targets(mesh, target), mesh.size)
-  return Send(valid, target, perm, tree, frozenset(buffer_ids), apply)
+  return Send(valid, target, perm, tree, frozenset(buffer_ids), apply,
+              boxes=tuple(boxes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,7 +532,8 @@ class _Wire:
     leaves = jax.tree_util.tree_leaves(send.tree)
     sent = tuple(i for i, leaf in enumerate(leaves)
                  if isinstance(leaf, jax.core.Tracer))
-    head = [] if send.valid is True else [jnp.asarray(send.valid, jnp.bool_)]
+    head = ([] if send.valid is True or send.same_valid
+            else [jnp.asarray(send.valid, jnp.bool_)])
     if with_target and isinstance(send.target, jax.core.Tracer):
       head.append(jnp.asarray(send.target, jnp.int32))
     return cls(send, tuple(head) + tuple(leaves[i] for i in sent), len(head),
@@ -533,7 +545,10 @@ class _Wire:
     for i, v in zip(self.sent, got[self.head:], strict=True):
       leaves[i] = v
     rest = list(got[:self.head])
-    valid = True if self.send.valid is True else rest.pop(0)
+    if self.send.valid is True or self.send.same_valid:
+      valid = self.send.valid
+    else:
+      valid = rest.pop(0)
     target = rest.pop(0) if rest else self.send.target
     return valid, target, treedef.unflatten(leaves)
 
@@ -645,6 +660,68 @@ def _permute(mesh: DeviceMesh, perm, wires):
   return out
 
 
+# --- Sends leaving a branch -------------------------------------------------
+
+
+def _values(send: Send) -> list:
+  """What of ``send`` is traced: [valid, target (if needed), traced leaves]."""
+  head = [jnp.asarray(send.valid, jnp.bool_)]
+  if send.perm is None and isinstance(send.target, jax.core.Tracer):
+    head.append(jnp.asarray(send.target, jnp.int32))
+  return head + [leaf for leaf in jax.tree_util.tree_leaves(send.tree)
+                 if isinstance(leaf, jax.core.Tracer)]
+
+
+def slot_layout(per_branch) -> tuple[tuple[int, int, tuple], ...]:
+  """``(branch, index, avals)`` of each send still waiting at a branch end.
+
+  ``per_branch`` holds the sends each branch of a switch left waiting; the
+  switch outputs the traced values of all of them (``slots_of``).
+  """
+  return tuple((k, j, tuple(jax.ShapeDtypeStruct(v.shape, v.dtype)
+                            for v in _values(send)))
+               for k, sends in enumerate(per_branch)
+               for j, send in enumerate(sends))
+
+
+def slots_of(layout, branch: int, sends) -> list:
+  """Branch ``branch``'s outputs for ``layout``: its sends, zeros elsewhere."""
+  out = []
+  for k, j, avals in layout:
+    if k == branch:
+      out.append([v.astype(a.dtype) for v, a in
+                  zip(_values(sends[j]), avals, strict=True)])
+    else:  # Not this branch's: its valid flag is False.
+      out.append([jnp.zeros(a.shape, a.dtype) for a in avals])
+  return out
+
+
+def sends_of(layout, per_branch, slots) -> list[Send]:
+  """The sends of ``layout`` outside the switch, from its outputs ``slots``.
+
+  ``per_branch`` gives each send's static parts (permutation, receipt).
+  """
+  out = []
+  for (k, j, _), values in zip(layout, slots, strict=True):
+    like = per_branch[k][j]
+    leaves, treedef = jax.tree_util.tree_flatten(like.tree)
+    values = list(values)
+    valid = values.pop(0)
+    target = None
+    if like.perm is None:
+      target = (values.pop(0) if isinstance(like.target, jax.core.Tracer)
+                else like.target)
+    traced = [i for i, leaf in enumerate(leaves)
+              if isinstance(leaf, jax.core.Tracer)]
+    for i, v in zip(traced, values, strict=True):
+      leaves[i] = v
+    out.append(Send(valid, target, like.perm, treedef.unflatten(leaves),
+                    like.buffer_ids, like.apply,
+                    same_valid=like.valid is True or like.same_valid,
+                    boxes=like.boxes))
+  return out
+
+
 # --- Deferring sends ----------------------------------------------------------
 
 
@@ -652,7 +729,7 @@ def post(ctx, state, send: Send):
   """Issues ``send``: into ``ctx.outbox`` when there is one, else delivered.
 
   A send waits in the outbox until something could observe it (see
-  ``observed_ids``) or the jaxpr being evaluated ends, so that back-to-back
+  ``observed_sends``) or the jaxpr being evaluated ends, so that back-to-back
   remote ops become one exchange.
   """
   if ctx.outbox is None:
@@ -661,12 +738,12 @@ def post(ctx, state, send: Send):
   return state
 
 
-def flush(ctx, state):
-  """Delivers every send waiting in ``ctx.outbox``; empties it."""
-  if not ctx.outbox:
+def flush(ctx, state, sends=None):
+  """Delivers ``sends`` (default: all) waiting in ``ctx.outbox``."""
+  sends = list(ctx.outbox or ()) if sends is None else sends
+  if not sends:
     return state
-  sends = list(ctx.outbox)
-  ctx.outbox.clear()
+  ctx.outbox[:] = [s for s in ctx.outbox if all(s is not t for t in sends)]
   return _deliver_into(ctx.mesh, state, sends)
 
 
@@ -678,31 +755,155 @@ def _deliver_into(mesh, state, sends):
   return state
 
 
-def must_flush(ctx, eqn, invals) -> bool:
-  """Whether sends in ``ctx.outbox`` must land before ``eqn`` runs."""
+def observed_sends(ctx, eqn, invals) -> list[Send]:
+  """The sends in ``ctx.outbox`` that must land before ``eqn`` runs.
+
+  Those whose buffers ``eqn`` may read or change (``accesses``; a part of
+  a buffer known while tracing to be apart from what a send writes does not
+  count), and, to keep receipts into one buffer in issue order, the earlier
+  sends into a buffer of one of those.
+  """
   if not ctx.outbox:
+    return []
+  found = {}
+  chosen = [False] * len(ctx.outbox)
+  for i, send in enumerate(ctx.outbox):
+    for bid in send.buffer_ids:
+      if bid not in found:
+        found[bid] = accesses(eqn, invals, bid)
+      if _overlaps(dict(send.boxes).get(bid), found[bid]):
+        chosen[i] = True
+  for i in reversed(range(len(chosen))):
+    if chosen[i]:
+      for j in range(i):
+        if ctx.outbox[j].buffer_ids & ctx.outbox[i].buffer_ids:
+          chosen[j] = True
+  return [s for s, c in zip(ctx.outbox, chosen, strict=True) if c]
+
+
+def _overlaps(box, found) -> bool:
+  if found is None:
+    return True
+  return any(not _apart(box, other) for other in found)
+
+
+def _apart(a, b) -> bool:
+  """Whether two boxes are sure not to share an element."""
+  if a is None or b is None or len(a) != len(b):
     return False
-  waiting = set().union(*(s.buffer_ids for s in ctx.outbox))
-  return not waiting.isdisjoint(observed_ids(eqn, invals))
+  return any(x is not None and y is not None and (x[1] <= y[0] or y[1] <= x[0])
+             for x, y in zip(a, b))
 
 
-def observed_ids(eqn, invals) -> set[int]:
-  """Buffers whose contents ``eqn`` may read or change.
+def _static_int(x) -> int | None:
+  if isinstance(x, _jax.Literal):
+    x = x.val
+  if isinstance(x, (jax.core.Tracer, _jax.Var)):
+    return None
+  try:
+    a = np.asarray(x)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if a.ndim or not np.issubdtype(a.dtype, np.integer):
+    return None
+  return int(a)
 
-  Any ref operand counts (a loop or branch passes in only the refs it
-  uses), except for remote ops: a remote DMA reads only its source now, and
-  its receipt, like a remote signal's, is applied after earlier ones.
-  Semaphore sends and a DMA's local send-semaphore count only add, so they
-  commute with the receipts waiting.
+
+def view_box(transforms) -> tuple | None:
+  """``[lo, hi)`` per dimension (None: not known while tracing) of a view.
+
+  None unless the view is one plain indexer into its buffer.
+  """
+  if len(transforms) != 1 or not isinstance(transforms[0], _jax.NDIndexer):
+    return None
+  box = []
+  for idx in transforms[0].indices:
+    if isinstance(idx, _jax.Slice):
+      start, size, stride = (_static_int(idx.start), _static_int(idx.size),
+                             _static_int(idx.stride))
+      known = None not in (start, size, stride)
+      box.append((start, start + max(size - 1, 0) * stride + 1)
+                 if known else None)
+    else:
+      i = _static_int(idx)
+      box.append(None if i is None else (i, i + 1))
+  return tuple(box)
+
+
+_MEMORY = (_jax.get_p, _jax.swap_p, _jax.addupdate_p)
+
+
+def accesses(eqn, invals, bid) -> list | None:
+  """Boxes of buffer ``bid`` that ``eqn`` may read or change; None: any.
+
+  A remote DMA reads only its source, a remote signal nothing here;
+  semaphore adds commute with the receipts waiting. Branches of a ``cond``
+  are looked into; any other use counts as the whole buffer.
   """
   if eqn.primitive is _jax.dma_start_p:
     src, _, _, _, device_id = _jax.tree_unflatten(eqn.params["tree"], invals)
     if device_id is not None:
-      return {_buffer_id(src)}
+      return [_handle_box(src)] if _buffer_id(src) == bid else []
   elif eqn.primitive is _jax.semaphore_signal_p and _jax.tree_unflatten(
       eqn.params["args_tree"], invals)[3] is not None:
-    return set()
-  return {_buffer_id(v) for v in invals if _buffer_id(v) is not None}
+    return []
+  mine = [k for k, v in enumerate(invals) if _buffer_id(v) == bid]
+  if not mine:
+    return []
+  if eqn.primitive in _MEMORY and mine == [0]:
+    ref = invals[0]
+    transforms = _jax.tree_unflatten(eqn.params["tree"], invals[_first_index(
+        eqn):])
+    return [view_box((*ref.transforms, *transforms))]
+  if eqn.primitive is _jax.cond_p and all(
+      not getattr(invals[k], "transforms", ()) for k in mine):
+    found = []
+    for branch in eqn.params["branches"]:
+      for k in mine:
+        inner = _jaxpr_accesses(branch.jaxpr, branch.jaxpr.invars[k - 1])
+        if inner is None:
+          return None
+        found += inner
+    return found
+  return None
+
+
+def _first_index(eqn) -> int:
+  return 2 if eqn.primitive is not _jax.get_p else 1
+
+
+def _handle_box(ref):
+  handle = ref if isinstance(ref, RefHandle) else ref.ref
+  return view_box((*handle.transforms, *getattr(ref, "transforms", ())))
+
+
+def _jaxpr_accesses(jaxpr, var) -> list | None:
+  """``accesses`` of the ref ``var`` by the equations of ``jaxpr``."""
+  found = []
+  for eqn in jaxpr.eqns:
+    uses = [k for k, v in enumerate(eqn.invars) if v is var]
+    if not uses:
+      continue
+    if eqn.primitive in _MEMORY and uses == [0]:
+      transforms = _jax.tree_unflatten(eqn.params["tree"],
+                                       eqn.invars[_first_index(eqn):])
+      found.append(view_box(tuple(transforms)))
+    elif eqn.primitive is _jax.dma_start_p and is_remote_eqn(eqn):
+      src = _jax.tree_unflatten(eqn.params["tree"], eqn.invars)[0]
+      if getattr(src, "ref", src) is var:
+        found.append(view_box(tuple(getattr(src, "transforms", ()))))
+    elif eqn.primitive is _jax.semaphore_signal_p and is_remote_eqn(eqn):
+      continue
+    elif eqn.primitive is _jax.cond_p and 0 not in uses:
+      for branch in eqn.params["branches"]:
+        for k in uses:
+          inner = _jaxpr_accesses(branch.jaxpr, branch.jaxpr.invars[k - 1])
+          if inner is None:
+            return None
+          found += inner
+    else:
+      return None
+  return found
 
 
 def _buffer_id(ref) -> int | None:

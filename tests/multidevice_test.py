@@ -736,6 +736,67 @@ class DeferredSendsTest(chex.TestCase):
                           if c[0] == "collective_permute"])
 
 
+class DeferredAcrossBranchesTest(chex.TestCase):
+  """Sends leave branches on the grid step; reads of other parts wait."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_branches_on_the_step_and_other_parts_share_one_exchange(self):
+    n = 4
+
+    def kernel(x_ref, o_ref, send_sems, recv_sems):
+      me = lax.axis_index("x")
+      step = pl.program_id(0)
+      for k in range(2):
+        # Reads o[1] after the copy into o[0] is started: another part.
+        @pl.when(step == 0)
+        def _():
+          o_ref[k, 1] = x_ref[k] * 2
+
+        @pl.when(step == 0)
+        def _():
+          pltpu.make_async_remote_copy(
+              x_ref.at[k], o_ref.at[k, 0], send_sems.at[k], recv_sems.at[k],
+              device_id=(lax.rem(me + 1, n),), device_id_type=MESH).start()
+
+      @pl.when(step == 0)
+      def _():
+        for k in range(2):
+          pltpu.make_async_remote_copy(
+              x_ref.at[k], o_ref.at[k, 0], send_sems.at[k], recv_sems.at[k],
+              device_id=(lax.rem(me + 1, n),), device_id_type=MESH).wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((2, 2, 8, 128), jnp.float32),
+        grid=(2,), in_specs=[VMEM], out_specs=VMEM,
+        scratch_shapes=[DMA((2,)), DMA((2,))], interpret=FI)
+    x = _data((n * 2, 8, 128))
+    f = _shard(call, _mesh((n,), ("x",)), P("x"), P("x"))
+    got = np.asarray(self.variant(f)(x)).reshape(n, 2, 2, 8, 128)
+    shards = np.asarray(x).reshape(n, 2, 8, 128)
+    np.testing.assert_array_equal(got[:, :, 0], np.roll(shards, 1, axis=0))
+    np.testing.assert_array_equal(got[:, :, 1], shards * 2)
+    data = [c for c in _collectives(jax.jit(f).lower(x).as_text())
+            if c[1] >= 8 * 128]
+    self.assertEqual(data, [("collective_permute", 2 * 8 * 128)])
+
+  def test_bidirectional_reduce_scatter_is_one_exchange_per_step(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((n, 16, n * 128))
+    call = functools.partial(ck.ring_reduce_scatter, axis="x", n=n,
+                             bidirectional=True, interpret=FI)
+    f = _shard(call, mesh, P(None, None, "x"), P(None, "x"))
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(f)(x)),
+        np.asarray(jax.jit(_shard(lambda v: lax.psum_scatter(v, "x"), mesh,
+                                  P(None, None, "x"), P(None, "x")))(x)),
+        rtol=1e-5, atol=1e-5)
+    # Both directions' copies in one all-gather; signals send nothing.
+    data = [op for op, size in _collectives(jax.jit(f).lower(x).as_text())
+            if size >= 8 * 128]
+    self.assertEqual(data, ["all_gather"])
+
+
 # --- Errors. ----------------------------------------------------------------
 
 
