@@ -736,6 +736,40 @@ class DeferredSendsTest(chex.TestCase):
                           if c[0] == "collective_permute"])
 
 
+class DeferredMixedTargetsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_static_and_read_targets_share_one_gather(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((2 * n, 8, 128))
+    table = np.roll(np.arange(n, dtype=np.int32), 2)  # Device d -> d - 2.
+
+    def kernel(table_ref, x_ref, o_ref, send_sems, recv_sems):
+      me = lax.axis_index("x")
+      targets = [lax.rem(me + 1, n), table_ref[me]]
+      copies = [pltpu.make_async_remote_copy(
+          x_ref.at[k], o_ref.at[k], send_sems.at[k], recv_sems.at[k],
+          device_id=(t,), device_id_type=MESH) for k, t in enumerate(targets)]
+      for copy in copies:
+        copy.start()
+      for copy in copies:
+        copy.wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((2, 8, 128), jnp.float32),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), VMEM],
+        out_specs=VMEM, scratch_shapes=[DMA((2,)), DMA((2,))], interpret=FI)
+    f = _shard(lambda v: call(jnp.asarray(table), v), mesh, P("x"), P("x"))
+    got = np.asarray(self.variant(f)(x)).reshape(n, 2, 8, 128)
+    shards = np.asarray(x).reshape(n, 2, 8, 128)
+    np.testing.assert_array_equal(got[:, 0], np.roll(shards[:, 0], 1, axis=0))
+    np.testing.assert_array_equal(got[:, 1], np.roll(shards[:, 1], 2, axis=0))
+    data = [op for op, size in _collectives(jax.jit(f).lower(x).as_text())
+            if size >= 8 * 128]
+    self.assertEqual(data, ["all_gather"])
+
+
 class DeferredAcrossBranchesTest(chex.TestCase):
   """Sends leave branches on the grid step; reads of other parts wait."""
 
