@@ -37,6 +37,7 @@ from fast_interpret import dma_rules
 from fast_interpret import errors
 from fast_interpret import inflight
 from fast_interpret import interpreter
+from fast_interpret import outbox
 from fast_interpret import remote
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
@@ -104,7 +105,7 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
         kept[:] = sends
       if layout is None:
         return st.subset(carried), outs
-      return st.subset(carried), outs, remote.slots_of(layout, k, sends)
+      return st.subset(carried), outs, outbox.slots_of(layout, k, sends)
     return branch
 
   index = jnp.asarray(index, jnp.int32)
@@ -121,12 +122,12 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
     kept = []
     jax.eval_shape(make_branch(b, kept=kept), state.subset(carried))
     shapes.append(kept)
-  layout = remote.slot_layout(shapes)
+  layout = outbox.slot_layout(shapes)
   kept = [[] for _ in branches]
   buffers, outs, slots = lax.switch(
       index, [make_branch(b, k, layout, kept[k])
               for k, b in enumerate(branches)], state.subset(carried))
-  for send in remote.sends_of(layout, kept, slots):
+  for send in outbox.sends_of(layout, kept, slots):
     ctx.outbox.append(send)
   return state.with_buffers(buffers), outs
 

@@ -34,6 +34,7 @@ from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
+from fast_interpret import outbox
 from fast_interpret import remote
 from fast_interpret import inflight
 from fast_interpret import views
@@ -235,9 +236,9 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                            _add_where(nbytes, hit))
     return {**buffers, sem_id: sems}
 
-  return remote.post(ctx, state, remote.make_send(
+  return outbox.post(ctx, state, remote.make_send(
       ctx.mesh, valid, target, (value, dst_t, sem_t), (dst_id, sem_id),
-      receive, boxes=[(dst_id, remote.view_box(dst_t))])), []
+      receive, boxes=[(dst_id, outbox.view_box(dst_t))])), []
 
 
 @register_rule(_jax.dma_wait_p)
@@ -307,7 +308,7 @@ def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
     sems = views.update(buffers[sem_id], view_t, _add_where(amount, hit))[1]
     return {**buffers, sem_id: sems}
 
-  return remote.post(ctx, state, remote.make_send(
+  return outbox.post(ctx, state, remote.make_send(
       ctx.mesh, valid, target, (_static_or_int32(inc), sem_t),
       (sem_id,), receive)), []
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from fast_interpret import _jax
 from fast_interpret import errors
 from fast_interpret import fences
-from fast_interpret import remote
+from fast_interpret import outbox
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   is_semaphore_aval)
 
@@ -178,14 +178,14 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     fencer.before(i, eqn, env)
     invals = [read(v) for v in eqn.invars]
     if ctx.outbox:
-      state = remote.flush(ctx, state, remote.observed_sends(ctx, eqn, invals))
+      state = outbox.flush(ctx, state, outbox.observed_sends(ctx, eqn, invals))
     state, outvals = eval_eqn(ctx, state, eqn, invals)
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
   if ctx.outbox and keep_sends is not None:
     keep_sends.extend(ctx.outbox)
   elif ctx.outbox:
-    state = remote.flush(ctx, state)
+    state = outbox.flush(ctx, state)
   return state, [read(v) for v in jaxpr.outvars]
 
 
