@@ -18,6 +18,7 @@ Modules:
   memory_rules   loads and stores.
   dma_rules      DMAs and semaphores, local and remote.
   remote         multi-device kernels: the mesh and the lockstep exchange.
+  outbox         remote ops wait until observed, then go in one exchange.
   control_rules  cond, while, scan, jit, run_scoped.
   program_rules  program ids and grid sizes.
   checks         runtime checks and how their errors surface.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -36,6 +37,7 @@ from fast_interpret import dma_rules
 from fast_interpret import errors
 from fast_interpret import inflight
 from fast_interpret import interpreter
+from fast_interpret import outbox
 from fast_interpret import remote
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
@@ -55,10 +57,16 @@ def _written(ctx: RuleContext, state: KernelState, closed: _jax.ClosedJaxpr,
   return ids | {k for k in state.buffers if k < 0}
 
 
-def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what):
-  """Evaluates a closed sub-jaxpr and checks it wrote only ``carried``."""
+def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what,
+         keep_sends=None):
+  """Evaluates a closed sub-jaxpr and checks it wrote only ``carried``.
+
+  With ``keep_sends`` (a list), remote ops still waiting at the end are
+  moved there instead of being delivered.
+  """
   new_state, outs = interpreter.eval_jaxpr(ctx, state, closed.jaxpr,
-                                           closed.consts, invals)
+                                           closed.consts, invals,
+                                           keep_sends=keep_sends)
   new_state = checks.flush(new_state)
   interpreter.check_carried(state, new_state, carried, what)
   return new_state, outs
@@ -83,17 +91,44 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
       and not remote.same_on_every_device(ctx, index)):
     return _predicated_cond(ctx, state, index, ops, branches)
   carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
+  hoist = ctx.outbox is not None and any(
+      remote.has_remote_ops(b.jaxpr) for b in branches)
 
-  def make_branch(closed):
+  def make_branch(closed, k=None, layout=None, kept=None):
     def branch(buffers):
+      sends = [] if hoist else None
       st, outs = _run(ctx, state.with_buffers(buffers), closed, ops, carried,
-                      "a cond branch")
-      return st.subset(carried), outs
+                      "a cond branch", keep_sends=sends)
+      if not hoist:
+        return st.subset(carried), outs
+      if kept is not None:
+        kept[:] = sends
+      if layout is None:
+        return st.subset(carried), outs
+      return st.subset(carried), outs, outbox.slots_of(layout, k, sends)
     return branch
 
   index = jnp.asarray(index, jnp.int32)
-  buffers, outs = lax.switch(index, [make_branch(b) for b in branches],
-                             state.subset(carried))
+  if not hoist:
+    buffers, outs = lax.switch(index, [make_branch(b) for b in branches],
+                               state.subset(carried))
+    return state.with_buffers(buffers), outs
+  # Remote ops still waiting at the end of a branch leave the switch as
+  # outputs (zeros and a False valid flag from the other branches), so that
+  # they can go in one exchange with what comes after. Every device takes
+  # the same branch here. The branches are traced once to learn the layout.
+  shapes = []
+  for b in branches:
+    kept = []
+    jax.eval_shape(make_branch(b, kept=kept), state.subset(carried))
+    shapes.append(kept)
+  layout = outbox.slot_layout(shapes)
+  kept = [[] for _ in branches]
+  buffers, outs, slots = lax.switch(
+      index, [make_branch(b, k, layout, kept[k])
+              for k, b in enumerate(branches)], state.subset(carried))
+  for send in outbox.sends_of(layout, kept, slots):
+    ctx.outbox.append(send)
   return state.with_buffers(buffers), outs
 
 

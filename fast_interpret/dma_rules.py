@@ -10,11 +10,12 @@ bytes copied when it starts (a count the wait is then sure to find), and
 semaphores are integer counters changed by ``pl.semaphore_signal`` /
 ``semaphore_wait``.
 
-A remote DMA (``make_async_remote_copy``) or signal (``device_id=...``) is an
-exchange between all devices of the mesh at the same program point (see
-remote.py): the payload lands in the receiver's destination, whose receive
-semaphore gets the bytes; the sender's send semaphore gets them too. Waits
-are always local.
+A remote DMA (``make_async_remote_copy``) or signal (``device_id=...``) is a
+``remote.Send``, delivered by an exchange between all devices of the mesh
+together with the other remote ops issued before anything could observe
+them (see remote.py): the payload lands in the receiver's destination,
+whose receive semaphore gets the bytes; the sender's send semaphore gets
+them when the op is issued. Waits are always local.
 
 Fidelity lost: DMA latency and overlap with compute; in ``eager`` mode, reads
 of a destination before its wait already see the new data.
@@ -33,6 +34,7 @@ from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
 from fast_interpret import interpreter
+from fast_interpret import outbox
 from fast_interpret import remote
 from fast_interpret import inflight
 from fast_interpret import views
@@ -225,17 +227,20 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   state = interpreter.mask_inactive(ctx, before, state)
   sem_h, sem_t = _view(dst_sem)
 
+  dst_id, sem_id = dst_h.buffer_id, sem_h.buffer_id
+
   def receive(hit, sent, buffers):
     payload, view_t, sem_view_t = sent
-    _, buf = views.update(buffers[0], view_t,
+    _, buf = views.update(buffers[dst_id], view_t,
                           lambda v: put(v, payload, hit))
-    _, sems = views.update(buffers[1], sem_view_t, _add_where(nbytes, hit))
-    return buf, sems
+    buffers = {**buffers, dst_id: buf}
+    _, sems = views.update(buffers[sem_id], sem_view_t,
+                           _add_where(nbytes, hit))
+    return {**buffers, sem_id: sems}
 
-  buf, sems = remote.exchange(
-      ctx.mesh, valid, target, (value, dst_t, sem_t),
-      (state.read(dst_h.buffer_id), state.read(sem_h.buffer_id)), receive)
-  return state.write(dst_h.buffer_id, buf).write(sem_h.buffer_id, sems), []
+  return outbox.post(ctx, state, remote.make_send(
+      ctx.mesh, valid, target, (value, dst_t, sem_t), (dst_id, sem_id),
+      receive, boxes=[(dst_id, outbox.view_box(dst_t))])), []
 
 
 @register_rule(_jax.dma_wait_p)
@@ -298,14 +303,24 @@ def _semaphore_signal_rule(ctx: RuleContext, state: KernelState, *flat,
   state = interpreter.mask_inactive(ctx, before, state)
   sem_h, sem_t = _view(handle)
 
-  def receive(hit, sent, sems):
-    amount, view_t = sent
-    return views.update(sems, view_t, _add_where(amount, hit))[1]
+  sem_id = sem_h.buffer_id
 
-  sems = remote.exchange(ctx.mesh, valid, target,
-                         (jnp.asarray(inc, jnp.int32), sem_t),
-                         state.read(sem_h.buffer_id), receive)
-  return state.write(sem_h.buffer_id, sems), []
+  def receive(hit, sent, buffers):
+    amount, view_t = sent
+    sems = views.update(buffers[sem_id], view_t, _add_where(amount, hit))[1]
+    return {**buffers, sem_id: sems}
+
+  return outbox.post(ctx, state, remote.make_send(
+      ctx.mesh, valid, target, (_static_or_int32(inc), sem_t),
+      (sem_id,), receive)), []
+
+
+def _static_or_int32(x):
+  """``x`` as int32: NumPy when known while tracing (then it is the same on
+  every device, and a remote op need not send it), else traced."""
+  if isinstance(x, jax.core.Tracer):
+    return jnp.asarray(x, jnp.int32)
+  return np.asarray(x, np.int32)
 
 
 @register_rule(_jax.get_barrier_semaphore_p)

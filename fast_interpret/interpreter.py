@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from fast_interpret import _jax
 from fast_interpret import errors
 from fast_interpret import fences
+from fast_interpret import outbox
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   is_semaphore_aval)
 
@@ -94,6 +95,9 @@ class RuleContext:
     core_index: the simulated core running this code (a static int), when
       several cores run in lock step; None otherwise (see cores.py).
     lockstep: the cores.Lockstep of a lock-step multi-core run, or None.
+    outbox: remote ops issued but not yet delivered (``remote.Send``s), a
+      list per evaluated jaxpr in a multi-device kernel (see ``eval_jaxpr``);
+      None: remote ops are delivered when issued.
   """
 
   params: Any
@@ -115,6 +119,7 @@ class RuleContext:
   in_flight: Mapping[int, Any] = dataclasses.field(default_factory=dict)
   core_index: int | None = None
   lockstep: Any = None
+  outbox: list | None = None
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -145,9 +150,18 @@ def is_pure(eqn: _jax.JaxprEqn) -> bool:
 
 
 def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
-               consts: Sequence[Any], args: Sequence[Any]
+               consts: Sequence[Any], args: Sequence[Any],
+               keep_sends: list | None = None
                ) -> tuple[KernelState, list[Any]]:
-  """Simulates ``jaxpr`` on ``state``; returns the new state and outputs."""
+  """Simulates ``jaxpr`` on ``state``; returns the new state and outputs.
+
+  In a multi-device kernel, remote ops wait in an outbox of this jaxpr's own
+  until an equation could observe what they deliver, or the jaxpr ends; all
+  waiting then move in one exchange (remote.py). With ``keep_sends`` (a
+  list), those still waiting at the end are moved there, undelivered.
+  """
+  if ctx.mesh is not None:
+    ctx = dataclasses.replace(ctx, outbox=[])
   env: dict[_jax.Var, Any] = {}
 
   def read(atom):
@@ -162,9 +176,16 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   fencer = fences.Fencer(jaxpr, ctx.opaque_true)
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
-    state, outvals = eval_eqn(ctx, state, eqn, [read(v) for v in eqn.invars])
+    invals = [read(v) for v in eqn.invars]
+    if ctx.outbox:
+      state = outbox.flush(ctx, state, outbox.observed_sends(ctx, eqn, invals))
+    state, outvals = eval_eqn(ctx, state, eqn, invals)
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
+  if ctx.outbox and keep_sends is not None:
+    keep_sends.extend(ctx.outbox)
+  elif ctx.outbox:
+    state = outbox.flush(ctx, state)
   return state, [read(v) for v in jaxpr.outvars]
 
 

@@ -4,36 +4,48 @@ A kernel called inside ``jax.shard_map`` is lowered once, in the per-device
 body of the SPMD program: every device runs the same compiled simulation.
 We model the devices as running that program in lockstep, so a remote copy
 or signal is executed by all of them at the same program point, and is
-compiled as a collective over the mesh axes (``exchange``):
+delivered by a collective over the mesh axes:
 
-  1. Every device contributes what it sends: a valid flag (False on a device
-     whose branch does not issue the op, see ``RuleContext.active``; not
-     sent outside such branches), the logical id of the target device, the
-     payload, and the dynamic indices of the destination view and semaphore
-     (the sender computes them, as on TPU), packed into one vector of
-     32-bit words.
-  2. If the target is a function of the device alone (``static_targets``
-     looks back through the trace to ``lax.axis_index`` and evaluates it
-     with NumPy for every device) and no two devices target the same one
-     (``static_permutation``), one ``ppermute`` moves the vector from each
-     sender to its target. Otherwise one ``all_gather`` hands every device
-     what every device sent.
-  3. The receiver applies what reached it (after an all-gather: in sender
-     order, the entries whose target is its own id, whose valid flag is
-     set): it writes the payload into its destination view and adds to its
-     semaphore (bytes for a DMA, ``inc`` for a signal).
+  1. A remote op becomes a ``Send``: a valid flag (False on a device whose
+     branch does not issue the op, see ``RuleContext.active``; not sent
+     outside such branches), the logical id of the target device, the
+     payload, the dynamic indices of the destination view and semaphore
+     (the sender computes them, as on TPU), and the receipt to apply.
+     Values known while tracing (a signal's ``inc`` of 1, static indices)
+     are the same on every device and are not sent.
+  2. It waits in the outbox of the jaxpr being evaluated until something
+     could observe what it delivers (outbox.py), then goes in one exchange
+     with the others waiting.
+  3. ``deliver``: if every waiting send's target is a function of the device
+     alone (``static_targets`` looks back through the trace to
+     ``lax.axis_index`` and evaluates it with NumPy for every device) and no
+     two devices target the same one (``static_permutation``), and all share
+     one permutation, one ``ppermute`` moves their values, packed into one
+     vector of 32-bit words; with nothing traced to send (a static signal
+     along a static permutation) there is no collective at all. Sends going
+     several ways, or to targets known only at run time, are one
+     ``all_gather`` of every device's vector.
+  4. The receiver applies what reached it, in issue order (after an
+     all-gather: for a static permutation its one sender; otherwise in
+     sender order, the entries whose target is its own id and whose valid
+     flag is set): it writes the payload into its destination view and adds
+     to its semaphore (bytes for a DMA, ``inc`` for a signal).
 
 ``same_on_every_device`` tells control flow (control_rules) when a branch
 condition depends on the grid step alone, so that branches with remote ops
 in them need no predication.
 
-Fidelity: a remote write lands at the same program point on the receiver
-(an eager, valid schedule of a correctly synchronised kernel); run-ahead,
-races and delivery order between simultaneous senders are not modelled.
-Cost: a ppermute moves the payload once; the all-gather fallback moves
-mesh-size times the payload per device, cheap for the few devices a CPU
-simulates. Each remote op is one collective, and on a CPU the number of
-collectives, not their size, is what a multi-device kernel's time is made of.
+Fidelity: a remote write lands on the receiver before anything there could
+read it, at the latest at the end of the jaxpr (loop body, branch, kernel)
+that issued it: an eager, valid schedule of a correctly synchronised
+kernel; run-ahead, races and delivery order between simultaneous senders
+are not modelled. Deferring changes no result: a send is delivered before
+any read of its destination buffer or semaphore, and receipts keep their
+issue order. Cost: on a CPU the number of collectives, not their size, is
+what a multi-device kernel's time is made of, so a flush is one collective
+(a ppermute moves the payload once; the all-gather moves mesh-size times
+it, cheap for the few devices a CPU simulates; beyond ``_GATHER_MAX_WORDS``
+sends going several ways take one ppermute per way).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -458,69 +471,187 @@ class _Packing:
 # --- The exchange -----------------------------------------------------------
 
 
-def exchange(mesh: DeviceMesh, valid, target, tree, carry, apply):
-  """Applies what every device sent to this one.
+@dataclasses.dataclass(frozen=True)
+class Send:
+  """A remote op issued on every device, waiting to be delivered.
 
-  Returns ``carry`` after ``carry = apply(hit, sent, carry)`` for each
-  device that may have sent to this one: ``sent`` is ``tree`` as that
-  sender computed it, ``hit`` a bool (the sender issued the op and targets
-  this device; the Python ``True`` when that is sure). Leaves of ``tree``
-  that are not traced are the same on every device and are not sent.
-
-  When every device's target is known while tracing and no two devices
-  target the same one (``static_permutation``), that is one ``ppermute``;
-  otherwise every device gathers what every device sent and applies the
-  entries aimed at it, in sender order (a ``fori_loop`` over logical ids,
-  so the program does not grow with the mesh). Either way the valid flag,
-  scalar indices and payloads travel packed as one vector of 32-bit words.
+  Attributes:
+    valid: whether this device issued it: a traced bool, or the Python
+      ``True`` (not sent then).
+    target: the logical id of the receiver, an int32 scalar.
+    perm: ``(sender, receiver)`` pairs when every device's target is known
+      while tracing and no two coincide (``static_permutation``), else None.
+    tree: what the receiver needs, as the sender computed it. Leaves that
+      are not traced are the same on every device and are not sent.
+    buffer_ids: the buffers ``apply`` changes on the receiver.
+    apply: ``apply(hit, tree, buffers) -> buffers``: the receipt, on a dict
+      from buffer id to value; ``hit`` says whether a sender's op reached
+      this device (the Python ``True`` when that is sure).
+    same_valid: ``valid`` is the same on every device (a send that left a
+      branch every device took alike, see ``sends_of``): not sent, the
+      receiver uses its own.
+    boxes: ``(buffer id, box)``: the part of a buffer it writes, where
+      known while tracing (``view_box``); other buffers count as whole.
   """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  sent = [i for i, leaf in enumerate(leaves)
-          if isinstance(leaf, jax.core.Tracer)]
+
+  valid: Any
+  target: Any
+  perm: tuple[tuple[int, int], ...] | None
+  tree: Any
+  buffer_ids: frozenset[int]
+  apply: Callable[..., dict]
+  same_valid: bool = False
+  boxes: tuple[tuple[int, Any], ...] = ()
+
+
+def make_send(mesh: DeviceMesh, valid, target, tree, buffer_ids, apply,
+              boxes=()) -> Send:
+  """A ``Send``, its permutation found from ``target`` (``static_targets``)."""
   perm = static_permutation(static_targets(mesh, target), mesh.size)
-  # What travels: [valid] + [target] + the traced leaves.
-  head = ([] if valid is True else [jnp.asarray(valid, jnp.bool_)])
-  if perm is None and isinstance(target, jax.core.Tracer):
-    head.append(jnp.asarray(target, jnp.int32))
-  values = head + [leaves[i] for i in sent]
+  return Send(valid, target, perm, tree, frozenset(buffer_ids), apply,
+              boxes=tuple(boxes))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wire:
+  """How one ``Send`` travels: its values, in a combined packing at ``at``."""
+
+  send: Send
+  values: tuple[Any, ...]  # [valid] + [target] + the traced leaves.
+  head: int                # How many of ``values`` are valid and target.
+  sent: tuple[int, ...]    # Indices of the traced leaves of ``send.tree``.
+
+  @classmethod
+  def of(cls, send: Send, with_target: bool) -> _Wire:
+    leaves = jax.tree_util.tree_leaves(send.tree)
+    sent = tuple(i for i, leaf in enumerate(leaves)
+                 if isinstance(leaf, jax.core.Tracer))
+    head = ([] if send.valid is True or send.same_valid
+            else [jnp.asarray(send.valid, jnp.bool_)])
+    if with_target and isinstance(send.target, jax.core.Tracer):
+      head.append(jnp.asarray(send.target, jnp.int32))
+    return cls(send, tuple(head) + tuple(leaves[i] for i in sent), len(head),
+               sent)
+
+  def received(self, got) -> tuple[Any, Any, Any]:
+    """(valid, target, tree) of what a sender sent, from its ``values``."""
+    leaves, treedef = jax.tree_util.tree_flatten(self.send.tree)
+    for i, v in zip(self.sent, got[self.head:], strict=True):
+      leaves[i] = v
+    rest = list(got[:self.head])
+    if self.send.valid is True or self.send.same_valid:
+      valid = self.send.valid
+    else:
+      valid = rest.pop(0)
+    target = rest.pop(0) if rest else self.send.target
+    return valid, target, treedef.unflatten(leaves)
+
+
+def _pack(wires):
+  """One packing of the values of ``wires``; returns it and each's span."""
+  values, spans = [], []
+  for w in wires:
+    spans.append((len(values), len(values) + len(w.values)))
+    values += w.values
   packing = _Packing.of(values)
   packed, alone = packing.pack(values)
+  return packing, values, spans, packed, alone
+
+
+# A flush whose sends go more than one way is one all-gather while it moves
+# at most this many words per device; beyond, one ppermute per permutation
+# (an all-gather moves mesh-size times the data; on a CPU the count of
+# collectives costs more than their size until the payloads are large).
+_GATHER_MAX_WORDS = 1 << 18
+
+
+def deliver(mesh: DeviceMesh, sends, buffers: dict) -> dict:
+  """Delivers ``sends`` (in issue order) to every device, in few collectives.
+
+  Returns ``buffers`` after each send's ``apply`` for what reached this
+  device. When every send has a static permutation and they all share one,
+  their values travel packed in one vector of 32-bit words, by one
+  ``ppermute``. When they go several ways, or a target is only known at run
+  time, every device gathers every device's vector once (``all_gather``)
+  and picks what was aimed at it: for a static permutation, the one sender
+  (a table lookup); otherwise each sender in logical-id order (a
+  ``fori_loop`` over the mesh, so the program does not grow with it). Large
+  payloads going several static ways move by one ppermute per permutation
+  instead. Either way receipts are applied in issue order, each op's
+  senders in logical-id order: the order of delivering them one by one.
+  """
+  sends = list(sends)
+  if not sends:
+    return buffers
   me = mesh.my_id()
+  perms = list(dict.fromkeys(s.perm for s in sends))
+  wires = [_Wire.of(s, with_target=s.perm is None) for s in sends]
+  words = sum(_word_count(jnp.asarray(v)) or 0 for w in wires
+              for v in w.values)
+  if None not in perms and (len(perms) == 1
+                            or words * mesh.size > _GATHER_MAX_WORDS):
+    got = {}
+    for perm in perms:
+      group = [i for i, s in enumerate(sends) if s.perm == perm]
+      got.update(zip(group, _permute(mesh, perm, [wires[i] for i in group]),
+                     strict=True))
+    for i, s in enumerate(sends):
+      buffers = s.apply(*got[i], buffers)
+    return buffers
 
-  def unflatten(got):
-    out = list(leaves)
-    for i, v in zip(sent, got[len(head):], strict=True):
-      out[i] = v
-    return treedef.unflatten(out)
-
-  if perm is not None:
-    names = tuple(mesh.axis_names)
-    move = lambda x: lax.ppermute(x, names, perm)
-    got = packing.unpack(None if packed is None else move(packed),
-                         [move(v) for v in alone], values)
-    if valid is not True:
-      hit = got[0]
-    elif len(perm) == mesh.size:
-      hit = True
-    else:
-      receives = np.zeros(mesh.size, np.bool_)
-      receives[[t for _, t in perm]] = True
-      hit = jnp.asarray(receives)[me]
-    return apply(hit, unflatten(got), carry)
-
+  packing, values, spans, packed, alone = _pack(wires)
   all_packed = None if packed is None else mesh.gather(packed)
   all_alone = [mesh.gather(v) for v in alone]
 
-  def receive(s, carry):
-    got = packing.unpack(None if all_packed is None else all_packed[s],
-                         [v[s] for v in all_alone], values)
-    to = got[len(head) - 1] if isinstance(target, jax.core.Tracer) else target
-    hit = jnp.asarray(to, jnp.int32) == me
-    if valid is not True:
-      hit = hit & got[0]
-    return apply(hit, unflatten(got), carry)
+  def row(sender):
+    return packing.unpack(None if all_packed is None else all_packed[sender],
+                          [v[sender] for v in all_alone], values)
 
-  return lax.fori_loop(0, mesh.size, receive, carry)
+  for w, (lo, hi) in zip(wires, spans, strict=True):
+    s = w.send
+    if s.perm is not None:
+      source = np.full(mesh.size, -1, np.int32)
+      for sender, receiver in s.perm:
+        source[receiver] = sender
+      sender = jnp.asarray(source)[me]
+      valid, _, tree = w.received(row(jnp.maximum(sender, 0))[lo:hi])
+      hit = valid if (source >= 0).all() else (sender >= 0) & valid
+      buffers = s.apply(hit, tree, buffers)
+      continue
+
+    def receive(sender, buffers, w=w, lo=lo, hi=hi):
+      valid, to, tree = w.received(row(sender)[lo:hi])
+      hit = jnp.asarray(to, jnp.int32) == me
+      if valid is not True:
+        hit = hit & valid
+      return w.send.apply(hit, tree, buffers)
+
+    buffers = lax.fori_loop(0, mesh.size, receive, buffers)
+  return buffers
+
+
+def _permute(mesh: DeviceMesh, perm, wires):
+  """(hit, tree) of each of ``wires``, moved by one ppermute along ``perm``."""
+  packing, values, spans, packed, alone = _pack(wires)
+  names = tuple(mesh.axis_names)
+  move = lambda x: lax.ppermute(x, names, perm)
+  got = packing.unpack(None if packed is None else move(packed),
+                       [move(v) for v in alone], values)
+  if len(perm) == mesh.size:
+    receives = True
+  else:
+    table = np.zeros(mesh.size, np.bool_)
+    table[[t for _, t in perm]] = True
+    receives = jnp.asarray(table)[mesh.my_id()]
+  out = []
+  for w, (lo, hi) in zip(wires, spans, strict=True):
+    valid, _, tree = w.received(got[lo:hi])
+    if valid is True:
+      hit = receives
+    else:
+      hit = valid if receives is True else valid & receives
+    out.append((hit, tree))
+  return out
 
 
 def first_error(mesh: DeviceMesh, word):

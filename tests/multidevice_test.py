@@ -641,6 +641,196 @@ class ExchangeTest(chex.TestCase):
                                 memory=False))
 
 
+# --- Back-to-back remote ops: one exchange. ---------------------------------
+
+
+def _two_copies_kernel(shifts, relay=False):
+  """Device d sends x[k] to ``d + shifts[k]``'s o[k], the starts back to back.
+
+  With ``relay``, o[0] is then forwarded once more by the first shift (a read
+  of a destination between two sends: the first must land before it).
+  """
+  def kernel(x_ref, o_ref, send_sems, recv_sems):
+    me = lax.axis_index("x")
+    n = lax.axis_size("x")
+    copies = [pltpu.make_async_remote_copy(
+        x_ref.at[k], o_ref.at[k], send_sems.at[k], recv_sems.at[k],
+        device_id=(lax.rem(me + shift + n, n),), device_id_type=MESH)
+              for k, shift in enumerate(shifts)]
+    for copy in copies:
+      copy.start()
+    for copy in copies:
+      copy.wait()
+    if relay:
+      copy = pltpu.make_async_remote_copy(
+          o_ref.at[0], x_ref.at[0], send_sems.at[0], recv_sems.at[0],
+          device_id=(lax.rem(me + shifts[0] + n, n),), device_id_type=MESH)
+      copy.start()
+      copy.wait()
+      pltpu.sync_copy(x_ref.at[0], o_ref.at[0])
+  return kernel
+
+
+class DeferredSendsTest(chex.TestCase):
+  """Remote ops wait until something could observe them, then go together."""
+
+  def _run(self, shifts, relay=False, n=4):
+    mesh = _mesh((n,), ("x",))
+    k = len(shifts)
+    call = pl.pallas_call(
+        _two_copies_kernel(shifts, relay),
+        out_shape=jax.ShapeDtypeStruct((k, 8, 128), jnp.float32),
+        in_specs=[ANY], out_specs=ANY,
+        scratch_shapes=[DMA((k,)), DMA((k,))], interpret=FI)
+    x = _data((n * k, 8, 128))
+    f = _shard(call, mesh, P("x"), P("x"))
+    got = np.asarray(self.variant(f)(x))
+    shards = np.asarray(x).reshape(n, k, 8, 128)
+    want = np.stack([np.roll(shards[:, j], shifts[j], axis=0)
+                     for j in range(k)], axis=1)
+    if relay:
+      want[:, 0] = np.roll(shards[:, 0], 2 * shifts[0], axis=0)
+    np.testing.assert_array_equal(got, want.reshape(n * k, 8, 128))
+    return _collectives(jax.jit(f).lower(x).as_text())
+
+  def _data_collectives(self, collectives):
+    # The error word's gather after the grid is a few words.
+    return [c for c in collectives if c[1] >= 8 * 128]
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_copies_the_same_way_share_one_ppermute(self):
+    collectives = self._data_collectives(self._run((1, 1)))
+    self.assertEqual([op for op, _ in collectives], ["collective_permute"])
+    self.assertGreaterEqual(collectives[0][1], 2 * 8 * 128)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_copies_two_ways_are_one_gather(self):
+    collectives = self._data_collectives(self._run((1, -1)))
+    self.assertEqual([op for op, _ in collectives], ["all_gather"])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_read_of_a_destination_delivers_first(self):
+    collectives = self._data_collectives(self._run((1, 1), relay=True))
+    self.assertEqual([op for op, _ in collectives],
+                     ["collective_permute"] * 2)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_static_signals_send_nothing(self):
+    def kernel(o_ref, sem):
+      me = lax.axis_index("x")
+      n = lax.axis_size("x")
+      for shift in (1, -1, 1):
+        pl.semaphore_signal(sem, 2, device_id=(lax.rem(me + shift + n, n),),
+                            device_id_type=MESH)
+      o_ref[0] = pl.semaphore_read(sem)
+      pl.semaphore_wait(sem, 6)
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32),
+        out_specs=pl.BlockSpec(memory_space=pltpu.SMEM),
+        scratch_shapes=[REGULAR], interpret=FI)
+    f = _shard(call, _mesh((4,), ("x",)), (), P("x"))
+    np.testing.assert_array_equal(np.asarray(self.variant(f)()), [6] * 4)
+    text = jax.jit(f).lower().as_text()
+    self.assertEqual([], [c for c in _collectives(text)
+                          if c[0] == "collective_permute"])
+
+
+class DeferredMixedTargetsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_static_and_read_targets_share_one_gather(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((2 * n, 8, 128))
+    table = np.roll(np.arange(n, dtype=np.int32), 2)  # Device d -> d - 2.
+
+    def kernel(table_ref, x_ref, o_ref, send_sems, recv_sems):
+      me = lax.axis_index("x")
+      targets = [lax.rem(me + 1, n), table_ref[me]]
+      copies = [pltpu.make_async_remote_copy(
+          x_ref.at[k], o_ref.at[k], send_sems.at[k], recv_sems.at[k],
+          device_id=(t,), device_id_type=MESH) for k, t in enumerate(targets)]
+      for copy in copies:
+        copy.start()
+      for copy in copies:
+        copy.wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((2, 8, 128), jnp.float32),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), VMEM],
+        out_specs=VMEM, scratch_shapes=[DMA((2,)), DMA((2,))], interpret=FI)
+    f = _shard(lambda v: call(jnp.asarray(table), v), mesh, P("x"), P("x"))
+    got = np.asarray(self.variant(f)(x)).reshape(n, 2, 8, 128)
+    shards = np.asarray(x).reshape(n, 2, 8, 128)
+    np.testing.assert_array_equal(got[:, 0], np.roll(shards[:, 0], 1, axis=0))
+    np.testing.assert_array_equal(got[:, 1], np.roll(shards[:, 1], 2, axis=0))
+    data = [op for op, size in _collectives(jax.jit(f).lower(x).as_text())
+            if size >= 8 * 128]
+    self.assertEqual(data, ["all_gather"])
+
+
+class DeferredAcrossBranchesTest(chex.TestCase):
+  """Sends leave branches on the grid step; reads of other parts wait."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_branches_on_the_step_and_other_parts_share_one_exchange(self):
+    n = 4
+
+    def kernel(x_ref, o_ref, send_sems, recv_sems):
+      me = lax.axis_index("x")
+      step = pl.program_id(0)
+      for k in range(2):
+        # Reads o[1] after the copy into o[0] is started: another part.
+        @pl.when(step == 0)
+        def _():
+          o_ref[k, 1] = x_ref[k] * 2
+
+        @pl.when(step == 0)
+        def _():
+          pltpu.make_async_remote_copy(
+              x_ref.at[k], o_ref.at[k, 0], send_sems.at[k], recv_sems.at[k],
+              device_id=(lax.rem(me + 1, n),), device_id_type=MESH).start()
+
+      @pl.when(step == 0)
+      def _():
+        for k in range(2):
+          pltpu.make_async_remote_copy(
+              x_ref.at[k], o_ref.at[k, 0], send_sems.at[k], recv_sems.at[k],
+              device_id=(lax.rem(me + 1, n),), device_id_type=MESH).wait()
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((2, 2, 8, 128), jnp.float32),
+        grid=(2,), in_specs=[VMEM], out_specs=VMEM,
+        scratch_shapes=[DMA((2,)), DMA((2,))], interpret=FI)
+    x = _data((n * 2, 8, 128))
+    f = _shard(call, _mesh((n,), ("x",)), P("x"), P("x"))
+    got = np.asarray(self.variant(f)(x)).reshape(n, 2, 2, 8, 128)
+    shards = np.asarray(x).reshape(n, 2, 8, 128)
+    np.testing.assert_array_equal(got[:, :, 0], np.roll(shards, 1, axis=0))
+    np.testing.assert_array_equal(got[:, :, 1], shards * 2)
+    data = [c for c in _collectives(jax.jit(f).lower(x).as_text())
+            if c[1] >= 8 * 128]
+    self.assertEqual(data, [("collective_permute", 2 * 8 * 128)])
+
+  def test_bidirectional_reduce_scatter_is_one_exchange_per_step(self):
+    n = 4
+    mesh = _mesh((n,), ("x",))
+    x = _data((n, 16, n * 128))
+    call = functools.partial(ck.ring_reduce_scatter, axis="x", n=n,
+                             bidirectional=True, interpret=FI)
+    f = _shard(call, mesh, P(None, None, "x"), P(None, "x"))
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(f)(x)),
+        np.asarray(jax.jit(_shard(lambda v: lax.psum_scatter(v, "x"), mesh,
+                                  P(None, None, "x"), P(None, "x")))(x)),
+        rtol=1e-5, atol=1e-5)
+    # Both directions' copies in one all-gather; signals send nothing.
+    data = [op for op, size in _collectives(jax.jit(f).lower(x).as_text())
+            if size >= 8 * 128]
+    self.assertEqual(data, ["all_gather"])
+
+
 # --- Errors. ----------------------------------------------------------------
 
 
