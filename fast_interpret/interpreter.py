@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
+from fast_interpret import constants
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
@@ -94,6 +95,9 @@ class RuleContext:
     core_index: the simulated core running this code (a static int), when
       several cores run in lock step; None otherwise (see cores.py).
     lockstep: the cores.Lockstep of a lock-step multi-core run, or None.
+    constants: NumPy values of the variables of the jaxpr being evaluated
+      that are known while tracing (see constants.py); read them through
+      ``known_operand``.
   """
 
   params: Any
@@ -115,9 +119,14 @@ class RuleContext:
   in_flight: Mapping[int, Any] = dataclasses.field(default_factory=dict)
   core_index: int | None = None
   lockstep: Any = None
+  constants: Mapping[_jax.Var, Any] = dataclasses.field(default_factory=dict)
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
+
+  def known_operand(self, i: int) -> Any:
+    """The NumPy value of operand ``i`` of ``eqn`` if known, else None."""
+    return constants.literal_or_known(self.eqn.invars[i], self.constants)
 
   @property
   def oob_fill(self) -> str | None:
@@ -145,10 +154,20 @@ def is_pure(eqn: _jax.JaxprEqn) -> bool:
 
 
 def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
-               consts: Sequence[Any], args: Sequence[Any]
+               consts: Sequence[Any], args: Sequence[Any],
+               known_args: Sequence[Any] | None = None
                ) -> tuple[KernelState, list[Any]]:
-  """Simulates ``jaxpr`` on ``state``; returns the new state and outputs."""
+  """Simulates ``jaxpr`` on ``state``; returns the new state and outputs.
+
+  ``known_args``, if given, holds for each of ``args`` its NumPy value when
+  known while tracing (else None); see constants.py.
+  """
   env: dict[_jax.Var, Any] = {}
+  known: dict[_jax.Var, Any] = {}
+  if known_args is not None:
+    known.update((v, k) for v, k in zip(jaxpr.invars, known_args, strict=True)
+                 if k is not None)
+  ctx = dataclasses.replace(ctx, constants=known)
 
   def read(atom):
     if isinstance(atom, _jax.Literal):
@@ -165,6 +184,10 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     state, outvals = eval_eqn(ctx, state, eqn, [read(v) for v in eqn.invars])
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
+    if eqn.primitive in constants.FOLDABLE:
+      value = constants.fold(eqn, known)
+      if value is not None:
+        known[eqn.outvars[0]] = value
   return state, [read(v) for v in jaxpr.outvars]
 
 
