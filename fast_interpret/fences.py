@@ -108,15 +108,20 @@ def _branches(avals) -> tuple[Any, Any]:
 
   Built once per signature and bound directly: tracing both branches with
   ``lax.cond`` at every fence took ~3 ms each, a quarter of the lowering
-  time of a large unrolled kernel.
+  time of a large unrolled kernel. Only the first value is changed by the
+  false branch: that is enough for XLA to keep the conditional, and every
+  value passed through unchanged by both branches costs neither a kernel
+  nor a copy (on the (8,128) sort: 8,684 -> 7,584 optimised-HLO
+  instructions, 350 -> 75 copies).
   """
   true = jax.make_jaxpr(lambda *xs: xs)(*avals)
-  false = jax.make_jaxpr(lambda *xs: tuple(_scramble(x) for x in xs))(*avals)
+  false = jax.make_jaxpr(
+      lambda x, *xs: (_scramble(x), *xs))(*avals)
   return false, true
 
 
 def _scramble(x):
-  """A cheap op the false branch applies, so both branches differ."""
+  """A cheap op the false branch applies, so the branches differ."""
   if jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(
       x.dtype, jnp.complexfloating):
     return -x
