@@ -93,7 +93,7 @@ def _fold_eqn(eqn, args: Sequence[np.ndarray]) -> np.ndarray | None:
 
 
 def _foldable_dtype(dtype) -> bool:
-  return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)
+  return np.dtype(dtype).kind in "biu"
 
 
 def fold(eqn: _jax.JaxprEqn,
@@ -104,7 +104,9 @@ def fold(eqn: _jax.JaxprEqn,
     eqn: the equation; every operand must be a literal or in ``known``.
     known: values already folded in the same jaxpr.
   """
-  if len(eqn.outvars) != 1:
+  # Most equations read a traced operand: look that up before anything else.
+  if len(eqn.outvars) != 1 or any(
+      isinstance(v, _jax.Var) and v not in known for v in eqn.invars):
     return None
   out = eqn.outvars[0].aval
   if (not hasattr(out, "shape") or not _foldable_dtype(out.dtype)

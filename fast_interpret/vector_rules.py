@@ -174,7 +174,7 @@ def _xor_permutation(x, mask: int):
       axes.append(len(dims) - 1)
       span = 1 << b
   dims.append(span)
-  return lax.rev(x.reshape(dims), axes).reshape(x.shape)
+  return lax.reshape(lax.rev(lax.reshape(x, dims), axes), x.shape)
 
 
 @register_rule(lax.gather_p)
