@@ -248,7 +248,9 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
 @register_rule(_jax.jit_p, predicated=True)
 def _jit_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr, **_):
   """A nested ``jax.jit``: inlined into the kernel."""
-  return interpreter.eval_jaxpr(ctx, state, jaxpr.jaxpr, jaxpr.consts, invals)
+  known = [ctx.known_operand(i) for i in range(len(invals))]
+  return interpreter.eval_jaxpr(ctx, state, jaxpr.jaxpr, jaxpr.consts, invals,
+                                known_args=known)
 
 
 @register_rule(_jax.run_scoped_p, predicated=True)

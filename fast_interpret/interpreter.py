@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
+from fast_interpret import constants
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import outbox
@@ -98,6 +99,9 @@ class RuleContext:
     outbox: remote ops issued but not yet delivered (``remote.Send``s), a
       list per evaluated jaxpr in a multi-device kernel (see ``eval_jaxpr``);
       None: remote ops are delivered when issued.
+    constants: NumPy values of the variables of the jaxpr being evaluated
+      that are known while tracing (see constants.py); read them through
+      ``known_operand``.
   """
 
   params: Any
@@ -120,9 +124,14 @@ class RuleContext:
   core_index: int | None = None
   lockstep: Any = None
   outbox: list | None = None
+  constants: Mapping[_jax.Var, Any] = dataclasses.field(default_factory=dict)
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
+
+  def known_operand(self, i: int) -> Any:
+    """The NumPy value of operand ``i`` of ``eqn`` if known, else None."""
+    return constants.literal_or_known(self.eqn.invars[i], self.constants)
 
   @property
   def oob_fill(self) -> str | None:
@@ -151,7 +160,8 @@ def is_pure(eqn: _jax.JaxprEqn) -> bool:
 
 def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
                consts: Sequence[Any], args: Sequence[Any],
-               keep_sends: list | None = None
+               keep_sends: list | None = None,
+               known_args: Sequence[Any] | None = None
                ) -> tuple[KernelState, list[Any]]:
   """Simulates ``jaxpr`` on ``state``; returns the new state and outputs.
 
@@ -159,10 +169,18 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   until an equation could observe what they deliver, or the jaxpr ends; all
   waiting then move in one exchange (remote.py). With ``keep_sends`` (a
   list), those still waiting at the end are moved there, undelivered.
+
+  ``known_args``, if given, holds for each of ``args`` its NumPy value when
+  known while tracing (else None); see constants.py.
   """
   if ctx.mesh is not None:
     ctx = dataclasses.replace(ctx, outbox=[])
   env: dict[_jax.Var, Any] = {}
+  known: dict[_jax.Var, Any] = {}
+  if known_args is not None:
+    known.update((v, k) for v, k in zip(jaxpr.invars, known_args, strict=True)
+                 if k is not None)
+  ctx = dataclasses.replace(ctx, constants=known)
 
   def read(atom):
     if isinstance(atom, _jax.Literal):
@@ -182,6 +200,10 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     state, outvals = eval_eqn(ctx, state, eqn, invals)
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
+    if eqn.primitive in constants.FOLDABLE:
+      value = constants.fold(eqn, known)
+      if value is not None:
+        known[eqn.outvars[0]] = value
   if ctx.outbox and keep_sends is not None:
     keep_sends.extend(ctx.outbox)
   elif ctx.outbox:

@@ -1,9 +1,16 @@
-"""Rules for TPU vector ops without a portable lowering.
+"""Rules for TPU vector ops: those without a portable lowering, and gathers.
 
 ``pltpu.stochastic_round`` and ``pltpu.pack_elementwise`` /
 ``unpack_elementwise`` lower only to Mosaic; here they are re-expressed with
 bit operations on the host's integers, following the semantics their
 docstrings and Mosaic lowering state.
+
+A ``gather`` whose indices are known while tracing (constants.py) and that
+exchanges elements ``f`` and ``f ^ m`` of the flattened operand (the
+butterfly ``jnp.take_along_axis(x, iota ^ 2**k, axis)`` of sorting networks
+and reductions) becomes a reshape and a reverse, which XLA fuses into its
+consumers; a generic gather is a kernel of its own, with per-element index
+checks.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import numpy as np
 
 from fast_interpret import _jax
 from fast_interpret import errors
-from fast_interpret.interpreter import RuleContext, register_rule
+from fast_interpret.interpreter import RuleContext, bind_pure, register_rule
 from fast_interpret.state import KernelState
 
 # Targets Mosaic's stochastic_convert accepts (see its lowering rule).
@@ -124,3 +131,70 @@ def _unpack_elementwise_rule(ctx: RuleContext, state: KernelState, x, *,
     shift = np.array(width - packed, signed.dtype)
     return state, ((signed << shift) >> shift).astype(unpacked_dtype)
   return state, field.astype(unpacked_dtype)
+
+
+def _gathered_flat_indices(operand_shape, indices: np.ndarray, dnums,
+                           slice_sizes) -> np.ndarray | None:
+  """Flat operand index of each output element of a static element gather.
+
+  Only gathers of single elements (all slice sizes 1, no offset dims) whose
+  indices all lie inside the operand; None for anything else.
+  """
+  if dnums.offset_dims or any(size != 1 for size in slice_sizes):
+    return None
+  batch = indices.shape[:-1]
+  grids = np.indices(batch, sparse=True)
+  coords = []
+  for d, size in enumerate(operand_shape):
+    if d in dnums.start_index_map:
+      c = indices[..., dnums.start_index_map.index(d)]
+    elif d in dnums.operand_batching_dims:
+      k = dnums.operand_batching_dims.index(d)
+      c = grids[dnums.start_indices_batching_dims[k]]
+    else:
+      return None
+    c = np.broadcast_to(c, batch)
+    if np.any((c < 0) | (c >= size)):
+      return None
+    coords.append(c)
+  return np.ravel_multi_index(coords, operand_shape)
+
+
+def _xor_permutation(x, mask: int):
+  """``x.ravel()[f ^ mask]`` for every flat index f, reshaped like ``x``.
+
+  The flat index is split at each set bit of ``mask`` into an axis of size
+  2; reversing those axes flips the bits. Needs ``x.size`` to be a multiple
+  of ``2 ** mask.bit_length()``.
+  """
+  dims, axes, span = [], [], x.size
+  for b in reversed(range(mask.bit_length())):
+    if mask >> b & 1:
+      dims += [span >> (b + 1), 2]
+      axes.append(len(dims) - 1)
+      span = 1 << b
+  dims.append(span)
+  return lax.reshape(lax.rev(lax.reshape(x, dims), axes), x.shape)
+
+
+@register_rule(lax.gather_p)
+def _gather_rule(ctx: RuleContext, state: KernelState, operand, indices, *,
+                 dimension_numbers, slice_sizes, **_):
+  """``gather`` (``jnp.take_along_axis``, fancy indexing): XLA's gather.
+
+  With indices known while tracing that swap flat elements ``f`` and
+  ``f ^ m`` (m a constant), a reverse of a reshape instead. No fidelity
+  lost: every index is checked to lie inside the operand.
+  """
+  known = ctx.known_operand(1)
+  if known is not None and known.ndim and known.shape[:-1] == operand.shape:
+    flat = _gathered_flat_indices(operand.shape, known, dimension_numbers,
+                                  slice_sizes)
+    if flat is not None and flat.size:
+      mask = int(flat.flat[0])
+      ids = np.arange(flat.size).reshape(flat.shape)
+      if (np.array_equal(flat, ids ^ mask)
+          and operand.size % (1 << mask.bit_length()) == 0):
+        return state, (operand if mask == 0
+                       else _xor_permutation(operand, mask))
+  return state, bind_pure(ctx.eqn, (operand, indices))

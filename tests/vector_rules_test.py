@@ -1,4 +1,5 @@
-"""TPU vector ops: stochastic_round, pack_elementwise, unpack_elementwise.
+"""TPU vector ops: stochastic_round, pack_elementwise, unpack_elementwise,
+and gathers with indices known while tracing (take_along_axis butterflies).
 
 References are NumPy: the neighbours of a value come from enumerating every
 code of the target dtype (ml_dtypes); packed words are built with NumPy
@@ -153,6 +154,43 @@ class PackTest(chex.TestCase):
                            field - (1 << packed_bits), field)
         expected = field.astype(dtype)
       np.testing.assert_array_equal(np.asarray(u), expected, err_msg=f"{k=}")
+
+
+def _take_call(index_fn, axis):
+  """A kernel that permutes x with take_along_axis(x, index_fn(iota))."""
+  def kernel(x_ref, o_ref):
+    x = x_ref[...]
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    o_ref[...] = jnp.take_along_axis(x, index_fn(iota), axis=axis)
+
+  def call(x):
+    return pl.pallas_call(kernel, out_shape=sds(x.shape, x.dtype),
+                          interpret=FI())(x)
+  return call
+
+
+class StaticGatherTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("lane_xor_1", lambda i: i ^ 1, 1, True),
+      ("lane_xor_64", lambda i: i ^ 64, 1, True),
+      ("lane_xor_5", lambda i: i ^ 5, 1, True),
+      ("sublane_xor_4", lambda i: i ^ 4, 0, True),
+      ("lane_negative_index", lambda i: (i ^ 2) - 128, 1, True),
+      ("lane_roll", lambda i: (i + 3) % 128, 1, False),
+      ("lane_reverse", lambda i: 127 - i, 1, True),  # i ^ 127
+  )
+  def test_matches_jnp(self, index_fn, axis, is_xor):
+    x = jnp.asarray(np.random.RandomState(0).standard_normal((8, 128)),
+                    jnp.float32)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    want = jnp.take_along_axis(x, index_fn(iota), axis=axis)
+    got = self.variant(_take_call(index_fn, axis))(x)
+    np.testing.assert_array_equal(got, want)
+    text = jax.jit(_take_call(index_fn, axis)).lower(x).as_text()
+    # A butterfly is a reverse; any other permutation keeps its gather.
+    self.assertEqual("gather" not in text, is_xor)
 
 
 if __name__ == "__main__":
