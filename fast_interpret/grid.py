@@ -191,7 +191,9 @@ def _read_block(hbm, op: Operand, starts, fill: str | None = None):
   With ``fill`` (``out_of_bounds_reads="uninitialized"``) the elements of a
   block that lies partly or wholly outside the padded array read as the
   uninitialised value, as ``pltpu.InterpretParams`` reads them; otherwise
-  the start is clamped into range (``dynamic_slice``). Narrow floats are
+  the start is clamped into range (``dynamic_slice``; a negative start
+  clamps to 0 rather than counting from the end, which would also cost a
+  compare and select per dimension in every fusion). Narrow floats are
   stored as unsigned bits, whose all-ones fill is their NaN.
   """
   if op.trivial_window:
@@ -199,7 +201,8 @@ def _read_block(hbm, op: Operand, starts, fill: str | None = None):
   if fill is not None:
     block = views.filled_window_read(hbm, starts, op.block_sizes, fill)
   else:
-    block = lax.dynamic_slice(hbm, starts, op.block_sizes)
+    block = lax.dynamic_slice(hbm, starts, op.block_sizes,
+                              allow_negative_indices=False)
   block = lax.squeeze(block, op.squeezed) if op.squeezed else block
   return _from_storage(block, op)
 
@@ -222,17 +225,19 @@ def _write_block(hbm, op: Operand, starts, block, write,
   if write is None:
     if fill is not None:
       return views.filled_window_write(hbm, starts, block.shape, block, fill)
-    return lax.dynamic_update_slice(hbm, block, starts)
+    return lax.dynamic_update_slice(hbm, block, starts,
+                                    allow_negative_indices=False)
   if fill is not None:
     current = views.filled_window_read(hbm, starts, block.shape, fill)
     return views.filled_window_write(
         hbm, starts, block.shape,
         lax.select(jnp.broadcast_to(write, block.shape), block, current),
         fill)
-  current = lax.dynamic_slice(hbm, starts, block.shape)
+  current = lax.dynamic_slice(hbm, starts, block.shape,
+                              allow_negative_indices=False)
   return lax.dynamic_update_slice(
       hbm, lax.select(jnp.broadcast_to(write, block.shape), block, current),
-      starts)
+      starts, allow_negative_indices=False)
 
 
 def interpret_pallas_call(

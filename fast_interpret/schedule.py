@@ -248,8 +248,11 @@ class TableSchedule:
       # A step known while tracing (lock-step cores): ints known too.
       row = [int(v) for v in self._table[step]]
     else:
+      # Steps are never negative: no index wrap-around (a compare, add and
+      # select, copied into every fusion that reads the row).
       row = lax.dynamic_index_in_dim(jnp.asarray(self._table), step,
-                                     keepdims=False)
+                                     keepdims=False,
+                                     allow_negative_indices=False)
     coords = tuple(row[d] for d in range(self._num_coords))
     indices = [tuple(row[c] for c in range(s.start, s.stop))
                for s in self._index_cols]
