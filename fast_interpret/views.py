@@ -10,9 +10,7 @@ Indexers made only of unit-stride slices and scalar indices become
 ``dynamic_update_slice``; only strided or array indexers use gather/scatter.
 
 Out of range indices: by default a dynamic start is clamped, as
-``dynamic_slice`` does (the bounds checks report it); a negative one clamps
-to 0, as on TPU, rather than counting from the end (which would also cost a
-compare and select per dimension, copied into every fusion that reads it). With ``fill`` (an
+``dynamic_slice`` does (the bounds checks report it). With ``fill`` (an
 ``uninitialized_memory`` mode, for ``out_of_bounds_reads="uninitialized"``)
 the elements of a slice or strided view that fall outside the buffer read
 as the uninitialised value and writes to them are dropped, as
@@ -248,8 +246,7 @@ def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
       y = lax.slice(x, static, [s + n for s, n in zip(static, sizes,
                                                       strict=True)])
   else:
-    y = lax.dynamic_slice(x, _index_args(starts), sizes,
-                          allow_negative_indices=False)
+    y = lax.dynamic_slice(x, _index_args(starts), sizes)
   return lax.squeeze(y, squeeze) if squeeze else y
 
 
@@ -267,8 +264,7 @@ def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
     val = lax.expand_dims(val, squeeze)
   if fill is not None and _maybe_outside(starts, sizes, x.shape):
     return filled_window_write(x, starts, sizes, val, fill)
-  return lax.dynamic_update_slice(x, val.astype(x.dtype), _index_args(starts),
-                                  allow_negative_indices=False)
+  return lax.dynamic_update_slice(x, val.astype(x.dtype), _index_args(starts))
 
 
 def _index_args(starts):
