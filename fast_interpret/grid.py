@@ -191,7 +191,9 @@ def _read_block(hbm, op: Operand, starts, fill: str | None = None):
   With ``fill`` (``out_of_bounds_reads="uninitialized"``) the elements of a
   block that lies partly or wholly outside the padded array read as the
   uninitialised value, as ``pltpu.InterpretParams`` reads them; otherwise
-  the start is clamped into range (``dynamic_slice``). Narrow floats are
+  the start is clamped into range (``dynamic_slice``; a negative start
+  clamps to 0 rather than counting from the end, which would also cost a
+  compare and select per dimension in every fusion). Narrow floats are
   stored as unsigned bits, whose all-ones fill is their NaN.
   """
   if op.trivial_window:
@@ -199,7 +201,8 @@ def _read_block(hbm, op: Operand, starts, fill: str | None = None):
   if fill is not None:
     block = views.filled_window_read(hbm, starts, op.block_sizes, fill)
   else:
-    block = lax.dynamic_slice(hbm, starts, op.block_sizes)
+    block = lax.dynamic_slice(hbm, starts, op.block_sizes,
+                              allow_negative_indices=False)
   block = lax.squeeze(block, op.squeezed) if op.squeezed else block
   return _from_storage(block, op)
 
@@ -209,25 +212,32 @@ def _write_block(hbm, op: Operand, starts, block, write,
   """Writes ``block`` back at ``starts`` where ``write`` (a bool) holds.
 
   Done as slice + select + update, touching only the block, instead of a
-  conditional. With ``fill`` (``out_of_bounds_reads="uninitialized"``) the
+  conditional. ``write=None`` writes unconditionally: a plain update, which
+  XLA:CPU emits without a fusion kernel of its own (see ``step_steps``). With ``fill`` (``out_of_bounds_reads="uninitialized"``) the
   parts of a block outside the padded array are dropped rather than the
   start clamped (``pltpu.InterpretParams`` raises there).
   """
   block = _to_storage(block, op)
   if op.trivial_window:
-    return lax.select(write, block, hbm)
+    return block if write is None else lax.select(write, block, hbm)
   if op.squeezed:
     block = lax.expand_dims(block, op.squeezed)
+  if write is None:
+    if fill is not None:
+      return views.filled_window_write(hbm, starts, block.shape, block, fill)
+    return lax.dynamic_update_slice(hbm, block, starts,
+                                    allow_negative_indices=False)
   if fill is not None:
     current = views.filled_window_read(hbm, starts, block.shape, fill)
     return views.filled_window_write(
         hbm, starts, block.shape,
         lax.select(jnp.broadcast_to(write, block.shape), block, current),
         fill)
-  current = lax.dynamic_slice(hbm, starts, block.shape)
+  current = lax.dynamic_slice(hbm, starts, block.shape,
+                              allow_negative_indices=False)
   return lax.dynamic_update_slice(
       hbm, lax.select(jnp.broadcast_to(write, block.shape), block, current),
-      starts)
+      starts, allow_negative_indices=False)
 
 
 def interpret_pallas_call(
@@ -437,6 +447,20 @@ def interpret_pallas_call(
       step_args[n_scalar + k] = windowed(op, kernel_args[n_scalar + k], idx)
     return StepStart(state, step_ctx, step_args, starts)
 
+  # An output block written back at every step, rather than when the next
+  # step moves to another block, leaves HBM the same once its last step is
+  # done: each step writes the block at its own index, and the last write
+  # of every block comes at the step the flag picks. Only an input aliased
+  # to the output, or another core, could see HBM in between; elsewhere the
+  # unconditional update drops a slice + select per step and, on XLA:CPU,
+  # a fusion kernel (about 40 ms of compile time each).
+  written_back = [k for k, op in enumerate(out_ops, start=len(in_ops))
+                  if op.block_id is not None]
+  input_hbm = {op.hbm_id for op in in_ops}
+  flagged = {k for k in written_back
+             if per_core is not None or core_plan.lockstep
+             or operands[k].hbm_id in input_hbm}
+
   def step_steps(step, carry: dict[int, Any], last_step, core=None):
     """One grid step of one core, as a generator (see cores.py)."""
     state = KernelState({**invariant, **carry})
@@ -455,12 +479,13 @@ def interpret_pallas_call(
     # As on TPU, an output block goes back to HBM when the next step maps it
     # to another block, or when this core's last step is done.
     is_last = step == last_step
-    state, writes = plan.write_backs(ctx_here, state, step, row, is_last)
-    for k, write in writes.items():
+    state, writes = plan.write_backs(ctx_here, state, step, row, is_last,
+                                     flagged)
+    for k in written_back:
       op = operands[k]
       state = state.write(op.hbm_id, _write_block(
           state.read(op.hbm_id), op, starts[k], state.read(op.block_id),
-          write, block_fill))
+          writes.get(k), block_fill))
     if check_semaphores:
       state = _check_semaphores_released(step_ctx, state, checked_handles,
                                          is_last)

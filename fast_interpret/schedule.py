@@ -248,17 +248,27 @@ class TableSchedule:
       # A step known while tracing (lock-step cores): ints known too.
       row = [int(v) for v in self._table[step]]
     else:
+      # Steps are never negative: no index wrap-around (a compare, add and
+      # select, copied into every fusion that reads the row).
       row = lax.dynamic_index_in_dim(jnp.asarray(self._table), step,
-                                     keepdims=False)
+                                     keepdims=False,
+                                     allow_negative_indices=False)
     coords = tuple(row[d] for d in range(self._num_coords))
     indices = [tuple(row[c] for c in range(s.start, s.stop))
                for s in self._index_cols]
     writes = {k: row[c] > 0 for k, c in self._write_cols.items()}
     return state, Row(coords, indices, writes)
 
-  def write_backs(self, ctx, state, step, row: Row, is_last):
+  def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
+    """(state, output position -> write flag) for the outputs in ``flagged``.
+
+    Outputs left out of ``flagged`` (default: none left out) are written
+    back unconditionally by the caller.
+    """
     del ctx, step, is_last
-    return state, row.writes
+    if flagged is None:
+      return state, row.writes
+    return state, {k: w for k, w in row.writes.items() if k in flagged}
 
 
 class StepwiseSchedule:
@@ -308,10 +318,14 @@ class StepwiseSchedule:
                                       _block_index_template(op), list(idx))
     return state, Row(coords, indices)
 
-  def write_backs(self, ctx, state, step, row: Row, is_last):
-    next_coords = unravel(step + 1, self._grid, self._permutations)
+  def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
     outputs = [k for k, op in enumerate(self._operands)
-               if k >= self._num_inputs and op.block_id is not None]
+               if k >= self._num_inputs and op.block_id is not None
+               and (flagged is None or k in flagged or k in self.visited)]
+    if not outputs:
+      # No flag needed: the next step's index maps are not evaluated at all.
+      return state, {}
+    next_coords = unravel(step + 1, self._grid, self._permutations)
     # Only the outputs' next blocks decide anything. After the last step the
     # next coordinates lie outside the grid: their index-map reads are not
     # checked (``is_last`` decides that write).
@@ -326,7 +340,8 @@ class StepwiseSchedule:
       if k in self.visited:
         state = self._check_revisit(ctx, state, op, self.visited[k],
                                     row.block_indices[k], writes[k])
-    return state, writes
+    return state, {k: w for k, w in writes.items()
+                   if flagged is None or k in flagged}
 
   @staticmethod
   def _check_revisit(ctx, state, op, visited_id: int, block_indices, write):
