@@ -13,6 +13,7 @@ Modules:
   schedule       the grid schedule: per-step block indices and write-backs.
   vectorize      step-independent grids as one vmap instead of the loop.
   interpreter    the rule registry and the jaxpr evaluator.
+  constants      small integer values folded with NumPy while tracing.
   state          KernelState (simulated memory) and RefHandle.
   views          reads/writes through ref transforms.
   memory_rules   loads and stores.
@@ -26,7 +27,8 @@ Modules:
   fences         fusion fences against XLA:CPU recomputation.
   pytest_plugin  --fast-interpret for whole test sessions.
   tpu_rules      the TPU PRNG and no-op hints (trace_value, touch).
-  vector_rules   stochastic_round, pack/unpack_elementwise.
+  vector_rules   stochastic_round, pack/unpack_elementwise, static
+                 butterfly gathers.
   debug_rules    debug prints, checkify checks and pl.debug_check.
   support        the support table of Pallas primitives (docs/support.md).
   errors         the exceptions we raise.
