@@ -232,15 +232,21 @@ def accesses(eqn, invals, bid) -> list | None:
     return [view_box((*ref.transforms, *transforms))]
   if eqn.primitive is _jax.cond_p and all(
       not getattr(invals[k], "transforms", ()) for k in mine):
-    found = []
-    for branch in eqn.params["branches"]:
-      for k in mine:
-        inner = _jaxpr_accesses(branch.jaxpr, branch.jaxpr.invars[k - 1])
-        if inner is None:
-          return None
-        found += inner
-    return found
+    return _cond_accesses(eqn, mine)
   return None
+
+
+def _cond_accesses(eqn, positions) -> list | None:
+  """``accesses`` of the cond operands at ``positions`` by its branches."""
+  found = []
+  for branch in eqn.params["branches"]:
+    for k in positions:
+      # Branch invars omit the cond's first operand, the branch index.
+      inner = _jaxpr_accesses(branch.jaxpr, branch.jaxpr.invars[k - 1])
+      if inner is None:
+        return None
+      found += inner
+  return found
 
 
 def _first_index(eqn) -> int:
@@ -270,12 +276,10 @@ def _jaxpr_accesses(jaxpr, var) -> list | None:
     elif eqn.primitive is _jax.semaphore_signal_p and remote.is_remote_eqn(eqn):
       continue
     elif eqn.primitive is _jax.cond_p and 0 not in uses:
-      for branch in eqn.params["branches"]:
-        for k in uses:
-          inner = _jaxpr_accesses(branch.jaxpr, branch.jaxpr.invars[k - 1])
-          if inner is None:
-            return None
-          found += inner
+      inner = _cond_accesses(eqn, uses)
+      if inner is None:
+        return None
+      found += inner
     else:
       return None
   return found
