@@ -213,31 +213,27 @@ def _write_block(hbm, op: Operand, starts, block, write,
 
   Done as slice + select + update, touching only the block, instead of a
   conditional. ``write=None`` writes unconditionally: a plain update, which
-  XLA:CPU emits without a fusion kernel of its own (see ``step_steps``). With ``fill`` (``out_of_bounds_reads="uninitialized"``) the
-  parts of a block outside the padded array are dropped rather than the
-  start clamped (``pltpu.InterpretParams`` raises there).
+  XLA:CPU emits without a fusion kernel of its own (see ``step_steps``).
+  With ``fill`` (``out_of_bounds_reads="uninitialized"``) the parts of a
+  block outside the padded array are dropped rather than the start clamped
+  (``pltpu.InterpretParams`` raises there).
   """
   block = _to_storage(block, op)
   if op.trivial_window:
     return block if write is None else lax.select(write, block, hbm)
   if op.squeezed:
     block = lax.expand_dims(block, op.squeezed)
-  if write is None:
+  if write is not None:
     if fill is not None:
-      return views.filled_window_write(hbm, starts, block.shape, block, fill)
-    return lax.dynamic_update_slice(hbm, block, starts,
-                                    allow_negative_indices=False)
+      current = views.filled_window_read(hbm, starts, block.shape, fill)
+    else:
+      current = lax.dynamic_slice(hbm, starts, block.shape,
+                                  allow_negative_indices=False)
+    block = lax.select(jnp.broadcast_to(write, block.shape), block, current)
   if fill is not None:
-    current = views.filled_window_read(hbm, starts, block.shape, fill)
-    return views.filled_window_write(
-        hbm, starts, block.shape,
-        lax.select(jnp.broadcast_to(write, block.shape), block, current),
-        fill)
-  current = lax.dynamic_slice(hbm, starts, block.shape,
-                              allow_negative_indices=False)
-  return lax.dynamic_update_slice(
-      hbm, lax.select(jnp.broadcast_to(write, block.shape), block, current),
-      starts, allow_negative_indices=False)
+    return views.filled_window_write(hbm, starts, block.shape, block, fill)
+  return lax.dynamic_update_slice(hbm, block, starts,
+                                  allow_negative_indices=False)
 
 
 def interpret_pallas_call(
