@@ -90,6 +90,16 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   if (any(remote.has_remote_ops(b.jaxpr) for b in branches)
       and not remote.same_on_every_device(ctx, index)):
     return _predicated_cond(ctx, state, index, ops, branches)
+  if (ctx.check_semaphores and ctx.lockstep is None and not ctx.in_flight
+      and all(_semaphore_only(b.jaxpr) for b in branches)
+      and any(e.primitive in _SEMAPHORE_OPS for b in branches
+              for e in b.jaxpr.eqns)):
+    # E.g. ``pl.when(i >= 2)`` around a DMA wait: with checks on, the
+    # count update is live, and a conditional around it cost a conditional,
+    # a predicate kernel and the update's own kernel per grid step. Run
+    # every branch, masked: the update becomes a select in one kernel.
+    return _predicated_cond(ctx, state, index, ops, branches,
+                            defer_waits=False)
   carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
   hoist = ctx.outbox is not None and any(
       remote.has_remote_ops(b.jaxpr) for b in branches)
@@ -133,20 +143,50 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
 
 
 def _predicated_cond(ctx: RuleContext, state: KernelState, index, ops,
-                     branches):
-  """Every branch runs on every device; ``active`` says which one it took."""
+                     branches, defer_waits=None):
+  """Every branch runs on every device; ``active`` says which one it took.
+
+  Waits are deferred to the end of the grid step (``defer_waits`` None:
+  where the step collects them), as another device's branch may signal.
+  """
   index = jnp.asarray(index, jnp.int32)
   every = set(state.buffers)
+  if defer_waits is None:
+    defer_waits = ctx.pending_waits is not None
   branch_outs = []
   for k, closed in enumerate(branches):
     sub = dataclasses.replace(ctx, active=_and(ctx.active, index == k),
-                              defer_waits=ctx.pending_waits is not None)
+                              defer_waits=defer_waits)
     state, outs = _run(sub, state, closed, ops, every, "a cond branch")
     branch_outs.append(outs)
   if len(branches) == 1:
     return state, branch_outs[0]
   return state, [lax.select_n(index, *vals)
                  for vals in zip(*branch_outs, strict=True)]
+
+
+# Semaphore operations a branch may hold and still run as selects.
+_SEMAPHORE_OPS = frozenset({_jax.semaphore_wait_p, _jax.semaphore_signal_p,
+                            _jax.dma_wait_p})
+# Branches larger than this keep their conditional.
+_MAX_SELECTED_EQNS = 16
+
+
+def _semaphore_only(jaxpr: _jax.Jaxpr) -> bool:
+  """Whether a branch only waits or signals locally, with scalar arithmetic.
+
+  Such a branch costs less run unconditionally with its updates masked than
+  as a conditional (the empty branch of a ``pl.when`` qualifies).
+  """
+  if len(jaxpr.eqns) > _MAX_SELECTED_EQNS or remote.has_remote_ops(jaxpr):
+    return False
+  for eqn in jaxpr.eqns:
+    if eqn.primitive in _SEMAPHORE_OPS:
+      continue
+    if not interpreter.is_pure(eqn) or any(
+        getattr(v.aval, "ndim", 1) != 0 for v in eqn.outvars):
+      return False
+  return True
 
 
 @register_rule(_jax.while_p, predicated=True)
@@ -293,6 +333,8 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
     ctx = dataclasses.replace(ctx, in_flight={**ctx.in_flight, **table})
   state, outs = interpreter.eval_jaxpr(ctx, state, jaxpr, invals, handles)
   state = dma_rules.check_pending_waits(ctx, state, set(fresh))
+  state = checks.add_records(state, dma_rules.poisoned_wait_records(
+      ctx, state, [h for h in handles if h.buffer_id in fresh]))
   return state.drop(fresh), outs
 
 

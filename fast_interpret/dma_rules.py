@@ -82,10 +82,113 @@ def _fit(value, shape):
 
 def _add_where(amount, hit):
   """A semaphore update: adds ``amount`` only where ``hit`` holds."""
-  if hit is True:
-    return lambda v: (None, v + jnp.asarray(amount, jnp.int32))
-  return lambda v: (None, v + jnp.where(hit, jnp.asarray(amount, jnp.int32),
-                                        jnp.int32(0)))
+  amount = jnp.asarray(amount, jnp.int32)
+  if hit is not True:
+    amount = jnp.where(hit, amount, jnp.int32(0))
+  return lambda v: (None, _as_vector(
+      lambda x: _keep_poison(x, x + amount))(v))
+
+
+# A wait that takes a semaphore count below zero *poisons* it (with
+# check_semaphores on, outside predicated branches): the count becomes
+# INT32_MIN | code, with the grid step, the kind of wait and the deficit in
+# ``code``, and stays so; the kernel's end (or the end of a run_scoped)
+# reports it (``poisoned_wait_records``). The check then costs a select in
+# the semaphore's own update, not a record folded into the error word after
+# every wait: on a double-buffered DMA kernel those folds were a third of the
+# kernels of each grid step. Every count at or below _POISON_LIMIT is
+# poisoned; a live count never gets there (2^30 bytes in flight at once).
+_POISON_LIMIT = -(1 << 30)
+_CODE_MASK = (1 << 30) - 1
+_WAIT_KINDS = ("a DMA wait", "a semaphore wait")
+
+
+def wait_code_bits(num_steps) -> int | None:
+  """Bits of the deficit in a poisoned count, for a grid of ``num_steps``.
+
+  The code is ``step << (bits + 1) | kind << bits | deficit`` in 30 bits;
+  None (a dynamic or very long grid): waits record their checks instead.
+  """
+  if not isinstance(num_steps, (int, np.integer)):
+    return None
+  bits = 29 - max(1, (int(num_steps) - 1).bit_length())
+  return bits if bits >= 8 else None
+
+
+def _keep_poison(v, new):
+  return jnp.where(v <= _POISON_LIMIT, v, new)
+
+
+def _view_mask(shape, transforms) -> jax.Array:
+  """bool array of ``shape``: True on the elements of the view ``transforms``.
+
+  A one-element view compares an iota with the flat index the view picks
+  from it: elementwise code that XLA fuses into each update using it.
+  """
+  ids = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+  picked = views.read(ids, transforms)
+  if picked.size == 1:
+    return ids == picked.reshape(())
+  return views.update(jnp.zeros(shape, jnp.bool_), transforms,
+                      lambda v: (None, jnp.ones(v.shape, jnp.bool_)))[1]
+
+
+def _as_vector(update):
+  """``update`` applied to a scalar view as a 1-element vector.
+
+  A scalar view is a reshape of the buffer's dynamic slice; read more than
+  once as a scalar it keeps XLA:CPU from fusing the slice into the in-place
+  update, which then costs two kernels instead of one.
+  """
+  def apply(v):
+    return update(v.reshape(v.shape or (1,))).reshape(v.shape)
+  return apply
+
+
+def _poisoning_wait(v, amount, step, kind: int, bits: int):
+  """``v + amount`` (amount <= 0), poisoned where it goes below zero."""
+  new = v + amount
+  cap = (1 << bits) - 1
+  deficit = jnp.where(new < -cap, jnp.int32(cap), -new)
+  code = ((jnp.asarray(step, jnp.int32) << (bits + 1))
+          | jnp.int32(kind << bits) | deficit)
+  poison = code | jnp.int32(-(1 << 31))
+  return _keep_poison(v, jnp.where(new < 0, poison, new))
+
+
+def poisoned_wait_records(ctx: RuleContext, state: KernelState, handles,
+                          gate=True) -> list[checks.Record]:
+  """One record for the first poisoned count among semaphores ``handles``.
+
+  It reports the wait that poisoned it, at the grid step it ran, so an
+  error of an earlier step still wins over it and it wins over later ones.
+  """
+  bits = ctx.wait_code_bits if ctx.check_semaphores else None
+  handles = [h for h in handles if h.is_semaphore]
+  if bits is None or not handles or checks.ERROR_ID not in state.buffers:
+    return []
+  hint = _LOCKSTEP_HINT if ctx.lockstep is not None else ""
+  counts, table = [], []
+  for h in handles:
+    value = state.read(h.buffer_id)
+    if h.per_core:
+      value = value[ctx.core_index]
+    counts.append(value.ravel())
+    sites = [ctx.sites.add(
+        f"semaphore: {what} on {h.name} waits for more than was signalled "
+        f"(count would be {{0}}{lower}); on a TPU this wait never returns"
+        + hint) for what in _WAIT_KINDS for lower in ("", " or lower")]
+    table += [sites] * value.size
+  counts = jnp.concatenate(counts)
+  poisoned = counts <= _POISON_LIMIT
+  first = jnp.argmax(poisoned)
+  code = counts[first] & jnp.int32(_CODE_MASK)
+  cap = (1 << bits) - 1
+  deficit = code & jnp.int32(cap)
+  column = ((code >> bits) & 1) * 2 + (deficit == cap).astype(jnp.int32)
+  site = jnp.asarray(np.asarray(table, np.int32))[first, column]
+  return [checks.Record(site, code >> (bits + 1), (-deficit,),
+                        poisoned[first] & gate)]
 
 
 def _sem_view(ctx: RuleContext, state: KernelState, sem, core=None
@@ -113,18 +216,35 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
   """Adds ``amount`` to a semaphore; with checks, a negative count is an error.
 
   A count below zero means a wait asked for more than was (or ever will be,
-  in this eager model) signalled: on a TPU that wait would hang. Inside a
-  predicated conditional (remote ops in a branch) the check is deferred to
-  the end of the grid step (see ``check_pending_waits``).
+  in this eager model) signalled: on a TPU that wait would hang. The wait
+  poisons the count (see ``_POISON_LIMIT``), or records a check where no
+  code fits (``wait_code_bits``). Inside a predicated conditional (remote
+  ops in a branch) the check is deferred to the end of the grid step (see
+  ``check_pending_waits``).
   """
   handle, transforms = _sem_view(ctx, state, sem, core)
-  new, buf = views.update(
-      state.read(handle.buffer_id), transforms,
-      lambda v: (v + jnp.asarray(amount, jnp.int32),) * 2)
-  state = state.write(handle.buffer_id, buf)
+  amount = jnp.asarray(amount, jnp.int32)
+  bits = ctx.wait_code_bits if ctx.check_semaphores else None
+  if bits is not None and what and not ctx.defer_waits:
+    kind = _WAIT_KINDS.index(what)
+    update = lambda v: _poisoning_wait(v, amount, ctx.grid_step, kind, bits)
+  elif bits is not None:
+    update = lambda v: _keep_poison(v, v + amount)
+  else:
+    update = lambda v: v + amount
+  buf = state.read(handle.buffer_id)
+  if bits is not None:
+    # Elementwise over the whole (small) array, masked to the view: the
+    # updates of one straight run fuse into one kernel, not one each.
+    mask = _view_mask(buf.shape, transforms)
+    state = state.write(handle.buffer_id, jnp.where(mask, update(buf), buf))
+  else:
+    update = _as_vector(update)
+    new, buf = views.update(buf, transforms, lambda v: (update(v),) * 2)
+    state = state.write(handle.buffer_id, buf)
   if ctx.check_semaphores and what and ctx.defer_waits:
     ctx.pending_waits.append((handle.buffer_id, handle.name, what))
-  elif ctx.check_semaphores and what:
+  elif ctx.check_semaphores and what and bits is None:
     low = jnp.min(new)
     state = checks.record_outside(
         state, ctx.sites, ctx.grid_step, [(low, 0, _INT32_MAX)],

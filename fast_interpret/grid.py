@@ -401,6 +401,7 @@ def interpret_pallas_call(
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores,
+      wait_code_bits=dma_rules.wait_code_bits(num_steps),
       mesh=device_mesh, in_flight=in_flight)
   per_core = core_plan.per_core
   plan, state = schedule.make(
@@ -560,8 +561,11 @@ def _check_semaphores_released(ctx, state, scratch_handles, is_last):
   first = jnp.argmax(counts != 0)
   count = counts[first]
   site = jnp.asarray(np.concatenate(owners))[first]
-  return checks.add_records(state, [checks.Record(
-      site, ctx.grid_step, (count,), (count != 0) & is_last)])
+  # A poisoned count (a wait below zero) is non-zero too: its own record
+  # comes first, naming the wait and its grid step.
+  return checks.add_records(state, [
+      *dma_rules.poisoned_wait_records(ctx, state, sems, is_last),
+      checks.Record(site, ctx.grid_step, (count,), (count != 0) & is_last)])
 
 
 def _last_of_core(num_steps, per_core: int | None):

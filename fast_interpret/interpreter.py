@@ -82,6 +82,8 @@ class RuleContext:
     grid_step: the flat index of the current grid step, for error reports.
     check_bounds: whether ref, DMA and block indices are bounds-checked.
     check_semaphores: whether semaphore counts are checked.
+    wait_code_bits: with check_semaphores, how a wait below zero poisons
+      its count (``dma_rules.wait_code_bits``); None: it records a check.
     mesh: the devices of the enclosing shard_map (remote.DeviceMesh), or None.
     active: None, or a traced bool: whether this device runs the code being
       simulated (False in a branch it did not take; see predication above).
@@ -116,6 +118,7 @@ class RuleContext:
   grid_step: Any = 0
   check_bounds: bool = False
   check_semaphores: bool = False
+  wait_code_bits: int | None = None
   mesh: Any = None
   active: Any = None
   pending_waits: list | None = None

@@ -43,6 +43,7 @@ import numpy as np
 
 import fast_interpret
 from fast_interpret import checks
+from fast_interpret import dma_rules
 from fast_interpret import views
 from fast_interpret.state import KernelState
 
@@ -902,6 +903,113 @@ class MultiCoreChecksTest(chex.TestCase):
     with self.assertRaisesRegex(Exception,
                                 r"fast_interpret: semaphore: .*grid step 0"):
       jax.block_until_ready(call())
+
+class PoisonedWaitTest(chex.TestCase):
+  """A wait below zero poisons its count; the kernel's end reports it."""
+
+  def _build(self, params):
+    # bad[0]: the step whose wait asks for one more than was signalled;
+    # bad[1]: the step whose load starts out of bounds (-1: none).
+    def kernel(bad_ref, x_ref, o_ref, sem):
+      i = pl.program_id(0)
+      pl.semaphore_signal(sem, 1)
+      pl.semaphore_wait(sem, jnp.where(i == bad_ref[0], 2, 1))
+      # A signal after the failed wait must not hide it.
+      pl.semaphore_signal(sem, 1)
+      pl.semaphore_wait(sem, 1)
+      start = jnp.where(i == bad_ref[1], 9, 0)
+      o_ref[...] = x_ref[pl.ds(start, 8), :] * 2.0
+
+    return pl.pallas_call(
+        kernel, out_shape=_sds((8, LANES)), grid=(4,),
+        in_specs=[SMEM, VMEM], out_specs=pl.BlockSpec(
+            (8, LANES), lambda i: (0, 0)),
+        scratch_shapes=[REGULAR(())], interpret=params)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_failed_wait_reported_with_its_step_and_count(self):
+    fn = self.variant(self._build(FI()))
+    with self.assertRaisesRegex(
+        Exception, SEM + r": a semaphore wait on scratch\[0\] waits for more "
+        r"than was signalled \(count would be -1\).*grid step 2\)"):
+      jax.block_until_ready(fn(_i32(2, -1), X))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fixed_kernel_matches_reference(self):
+    fn = self.variant(self._build(FI()))
+    np.testing.assert_array_equal(fn(_i32(-1, -1), X), X[:8] * 2.0)
+
+  @parameterized.named_parameters(
+      ("wait_first", (1, 2), SEM + r": a semaphore wait.*grid step 1\)"),
+      ("load_first", (2, 1), OOB + r": load of .*grid step 1\)"))
+  def test_earliest_step_wins(self, bad, error):
+    with self.assertRaisesRegex(Exception, error):
+      jax.block_until_ready(self._build(FI())(_i32(*bad), X))
+
+  def test_deficit_too_large_for_the_code_says_so(self):
+    def kernel(x_ref, o_ref, sem):
+      pl.semaphore_wait(sem, 1 << 29)
+      o_ref[...] = x_ref[...]
+
+    fn = pl.pallas_call(kernel, out_shape=_sds((ROWS, LANES)),
+                        in_specs=[VMEM], out_specs=VMEM,
+                        scratch_shapes=[REGULAR(())], interpret=FI())
+    with self.assertRaisesRegex(
+        Exception, r"\(count would be -\d+ or lower\).*grid step 0\)"):
+      jax.block_until_ready(fn(X))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_run_scoped_semaphore_reported_at_scope_end(self):
+    def build(amount):
+      def kernel(x_ref, o_ref):
+        def body(sem):
+          pl.semaphore_signal(sem, 1)
+          pl.semaphore_wait(sem, amount)
+        pl.run_scoped(body, REGULAR(()))
+        o_ref[...] = x_ref[...] + 1.0
+      return self.variant(pl.pallas_call(
+          kernel, out_shape=_sds((ROWS, LANES)), in_specs=[VMEM],
+          out_specs=VMEM, interpret=FI()))
+
+    np.testing.assert_array_equal(build(1)(X), X + 1.0)
+    with self.assertRaisesRegex(
+        Exception, SEM + r": a semaphore wait on run_scoped\[0\] waits for "
+        r"more than was signalled \(count would be -2\)"):
+      jax.block_until_ready(build(3)(X))
+
+  @parameterized.named_parameters(("taken", 2, True), ("not_taken", -1, False))
+  def test_wait_under_pl_when_runs_as_a_select(self, bad, fails):
+    # A branch that only waits becomes masked updates, not a conditional.
+    def kernel(bad_ref, x_ref, o_ref, sem):
+      @pl.when(pl.program_id(0) == bad_ref[0])
+      def _():
+        pl.semaphore_wait(sem, 1)
+      o_ref[...] = x_ref[:8] + 1.0
+
+    fn = jax.jit(pl.pallas_call(
+        kernel, out_shape=_sds((8, LANES)), grid=(4,),
+        in_specs=[SMEM, VMEM], out_specs=pl.BlockSpec(
+            (8, LANES), lambda i: (0, 0)),
+        scratch_shapes=[REGULAR(())], interpret=FI()))
+    hlo = fn.lower(_i32(bad), X).compile().as_text()
+    # The one conditional left is the one that raises after the grid.
+    self.assertEqual(hlo.count(" conditional("), 1)
+    if fails:
+      with self.assertRaisesRegex(
+          Exception, SEM + r": a semaphore wait .*\(count would be -1\)"
+          r".*grid step 2\)"):
+        jax.block_until_ready(fn(_i32(bad), X))
+    else:
+      np.testing.assert_array_equal(fn(_i32(bad), X), X[:8] + 1.0)
+
+  def test_without_a_code_waits_record_their_check(self):
+    # Grids too long for a code (or dynamic) check each wait as it runs.
+    with mock.patch.object(dma_rules, "wait_code_bits", return_value=None):
+      with self.assertRaisesRegex(
+          Exception, SEM + r": a semaphore wait .*\(count would be -1\)"
+          r".*grid step 3\)"):
+        jax.block_until_ready(self._build(FI())(_i32(3, -1), X))
+
 
 if __name__ == "__main__":
   absltest.main()
