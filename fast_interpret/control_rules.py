@@ -333,8 +333,8 @@ def _run_scoped_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
     ctx = dataclasses.replace(ctx, in_flight={**ctx.in_flight, **table})
   state, outs = interpreter.eval_jaxpr(ctx, state, jaxpr, invals, handles)
   state = dma_rules.check_pending_waits(ctx, state, set(fresh))
-  state = checks.add_records(state, dma_rules.poisoned_wait_records(
-      ctx, state, [h for h in handles if h.buffer_id in fresh]))
+  state = checks.add_records(state, dma_rules.end_records(
+      ctx, state, handles, left_over=False))
   return state.drop(fresh), outs
 
 

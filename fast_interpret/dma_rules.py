@@ -125,7 +125,8 @@ def _view_mask(shape, transforms) -> jax.Array:
   A one-element view compares an iota with the flat index the view picks
   from it: elementwise code that XLA fuses into each update using it.
   """
-  ids = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+  # A NumPy constant: XLA folds a mask with static indices, not an iota.
+  ids = jnp.asarray(np.arange(math.prod(shape), dtype=np.int32).reshape(shape))
   picked = views.read(ids, transforms)
   if picked.size == 1:
     return ids == picked.reshape(())
@@ -156,16 +157,22 @@ def _poisoning_wait(v, amount, step, kind: int, bits: int):
   return _keep_poison(v, jnp.where(new < 0, poison, new))
 
 
-def poisoned_wait_records(ctx: RuleContext, state: KernelState, handles,
-                          gate=True) -> list[checks.Record]:
-  """One record for the first poisoned count among semaphores ``handles``.
+def end_records(ctx: RuleContext, state: KernelState, handles, gate=True,
+                left_over: bool = True) -> list[checks.Record]:
+  """Records for semaphores ``handles`` at the end of their lifetime.
 
-  It reports the wait that poisoned it, at the grid step it ran, so an
-  error of an earlier step still wins over it and it wins over later ones.
+  First a poisoned count (see ``_POISON_LIMIT``): it reports the wait that
+  poisoned it, at the grid step it ran, so an error of an earlier step
+  still wins over it and it wins over later ones. Then, with ``left_over``,
+  a count left non-zero. All counts are checked as one vector, by one
+  reduction: a kernel with many semaphores adds two records, not two each;
+  the semaphore's site is read from a constant table.
   """
-  bits = ctx.wait_code_bits if ctx.check_semaphores else None
   handles = [h for h in handles if h.is_semaphore]
-  if bits is None or not handles or checks.ERROR_ID not in state.buffers:
+  if not handles or checks.ERROR_ID not in state.buffers:
+    return []
+  bits = ctx.wait_code_bits if ctx.check_semaphores else None
+  if bits is None and not left_over:
     return []
   hint = _LOCKSTEP_HINT if ctx.lockstep is not None else ""
   counts, table = [], []
@@ -177,18 +184,33 @@ def poisoned_wait_records(ctx: RuleContext, state: KernelState, handles,
     sites = [ctx.sites.add(
         f"semaphore: {what} on {h.name} waits for more than was signalled "
         f"(count would be {{0}}{lower}); on a TPU this wait never returns"
-        + hint) for what in _WAIT_KINDS for lower in ("", " or lower")]
+        + hint) for what in _WAIT_KINDS for lower in ("", " or lower")
+             ] if bits is not None else [0] * 4
+    sites.append(ctx.sites.add(
+        f"semaphore: {h.name} is left at {{0}} when the kernel ends; every "
+        "signal (and DMA) must be matched by a wait") if left_over else 0)
     table += [sites] * value.size
   counts = jnp.concatenate(counts)
+  table = jnp.asarray(np.asarray(table, np.int32))
+  nonzero = counts != 0
+  if bits is None:
+    first = jnp.argmax(nonzero)
+    return [checks.Record(table[first, 4], ctx.grid_step, (counts[first],),
+                          nonzero[first] & gate)]
   poisoned = counts <= _POISON_LIMIT
-  first = jnp.argmax(poisoned)
-  code = counts[first] & jnp.int32(_CODE_MASK)
+  # The first poisoned count if any, else the first non-zero one.
+  first = jnp.argmax(poisoned.astype(jnp.int32) * 2 + nonzero)
+  count = counts[first]
+  code = count & jnp.int32(_CODE_MASK)
   cap = (1 << bits) - 1
   deficit = code & jnp.int32(cap)
   column = ((code >> bits) & 1) * 2 + (deficit == cap).astype(jnp.int32)
-  site = jnp.asarray(np.asarray(table, np.int32))[first, column]
-  return [checks.Record(site, code >> (bits + 1), (-deficit,),
-                        poisoned[first] & gate)]
+  records = [checks.Record(table[first, column], code >> (bits + 1),
+                           (-deficit,), poisoned[first] & gate)]
+  if left_over:
+    records.append(checks.Record(table[first, 4], ctx.grid_step, (count,),
+                                 nonzero[first] & gate))
+  return records
 
 
 def _sem_view(ctx: RuleContext, state: KernelState, sem, core=None

@@ -537,35 +537,15 @@ def interpret_pallas_call(
 
 
 def _check_semaphores_released(ctx, state, scratch_handles, is_last):
-  """Semaphores left non-zero when a core's last step ends are an error.
+  """Semaphores left non-zero, or poisoned by a wait, when a core's last
+  step ends are an error (``dma_rules.end_records``).
 
   Checked at each core's last grid step, so that every simulated core's own
   semaphores are seen (they are private to the core, or its row of them in
-  lock step). All semaphores are checked as one vector: the first non-zero
-  count (one reduction) names its semaphore through a constant table of
-  sites, so a kernel with many semaphores adds one record, not one each.
+  lock step).
   """
-  sems = [h for h in scratch_handles if h.is_semaphore]
-  if not sems or checks.ERROR_ID not in state.buffers:
-    return state
-  counts, owners = [], []
-  for h in sems:
-    value = state.read(h.buffer_id)
-    if h.per_core:
-      value = value[ctx.core_index]
-    counts.append(value.ravel())
-    owners.append(np.full(value.size, ctx.sites.add(
-        f"semaphore: {h.name} is left at {{0}} when the kernel ends; every "
-        "signal (and DMA) must be matched by a wait"), np.int32))
-  counts = jnp.concatenate(counts)
-  first = jnp.argmax(counts != 0)
-  count = counts[first]
-  site = jnp.asarray(np.concatenate(owners))[first]
-  # A poisoned count (a wait below zero) is non-zero too: its own record
-  # comes first, naming the wait and its grid step.
-  return checks.add_records(state, [
-      *dma_rules.poisoned_wait_records(ctx, state, sems, is_last),
-      checks.Record(site, ctx.grid_step, (count,), (count != 0) & is_last)])
+  return checks.add_records(state, dma_rules.end_records(
+      ctx, state, scratch_handles, is_last))
 
 
 def _last_of_core(num_steps, per_core: int | None):
