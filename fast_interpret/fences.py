@@ -123,10 +123,13 @@ def _plan(jaxpr: _jax.Jaxpr) -> frozenset[int]:
 class Fencer:
   """Decides where to fence while one jaxpr is evaluated."""
 
-  def __init__(self, jaxpr: _jax.Jaxpr, predicate):
+  def __init__(self, jaxpr: _jax.Jaxpr, predicate, pack: bool = True):
     self._enabled = (predicate is not None
                      and len(jaxpr.eqns) > MIN_FENCED_EQNS)
     self._predicate = predicate
+    # Packed pairs (``_pair``) cost fewer kernels but run slower: only
+    # outside loops, where each kernel runs once.
+    self._pack = pack
     self._depth: dict[_jax.Var, int] = {}
     self._last = _last_uses(jaxpr) if self._enabled else {}
     self._plan = _plan(jaxpr) if self._enabled else frozenset()
@@ -149,7 +152,7 @@ class Fencer:
     if not live:
       return
     values = [env[v] for v in live]
-    packed, unpack = _pair(values)
+    packed, unpack = _pair(values) if self._pack else (values, lambda o: o)
     fenced = _jax.cond_p.bind(
         lax.convert_element_type(self._predicate, jnp.int32), *packed,
         branches=_branches(tuple(jax.typeof(x) for x in packed)))

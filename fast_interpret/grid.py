@@ -401,7 +401,8 @@ def interpret_pallas_call(
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores,
-      mesh=device_mesh, in_flight=in_flight)
+      mesh=device_mesh, in_flight=in_flight,
+      in_loop=not (isinstance(num_steps, int) and num_steps == 1))
   per_core = core_plan.per_core
   plan, state = schedule.make(
       ctx, KernelState(buffers), grid, operands, len(in_ops),

@@ -111,6 +111,32 @@ class FencedKernelTest(absltest.TestCase):
     self.assertIn("conditional(", hlo)  # it was long enough to be fenced
     self.assertIn("u64[8,128]", hlo)
 
+  def test_no_packing_inside_loops(self):
+    # Packed pairs cost fewer kernels to compile but run slower where a
+    # kernel runs many times.
+    def kernel(x_ref, i_ref, h_ref, xo_ref, io_ref, ho_ref):
+      def body(_, carry):
+        return _chain(*carry)
+      xo_ref[...], io_ref[...], ho_ref[...] = jax.lax.fori_loop(
+          0, 2, body, (x_ref[...], i_ref[...], h_ref[...]))
+
+    x = jnp.linspace(-1, 1, 1024, dtype=jnp.float32).reshape(8, 128)
+    i = jnp.arange(1024, dtype=jnp.int32).reshape(8, 128)
+    h = jnp.zeros((8, 128), jnp.float16)
+    call = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct(i.shape, i.dtype),
+                   jax.ShapeDtypeStruct(h.shape, h.dtype)),
+        interpret=fast_interpret.FastInterpretParams())
+    got = jax.jit(call)(x, i, h)
+    want = jax.jit(_chain)(*jax.jit(_chain)(x, i, h))
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(_bits(g), _bits(w))
+    hlo = jax.jit(call).lower(x, i, h).as_text()
+    self.assertIn("stablehlo.case", hlo)  # fenced
+    self.assertNotIn("ui64", hlo)
+
 
 if __name__ == "__main__":
   absltest.main()
