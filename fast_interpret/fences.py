@@ -14,7 +14,9 @@ computed by at least two equations since the last fence, choosing within
 that window the point where the fewest such arrays are live. Small jaxprs (every ordinary
 kernel) are left alone. A fence costs one conditional at run time; its two
 branch jaxprs are built once per signature of fenced values and bound
-directly, without tracing a ``lax.cond`` each time.
+directly, without tracing a ``lax.cond`` each time. Outside loops, values
+of one shape and width pass a fence packed two by two into integers of
+twice the width, so that one fusion kernel computes both (``_pair``).
 """
 
 from __future__ import annotations
