@@ -201,6 +201,7 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
              | _written(ctx, state, cond_jaxpr, [*cond_consts, *init]))
   collective = (remote.has_remote_ops(body_jaxpr.jaxpr)
                 or remote.has_remote_ops(cond_jaxpr.jaxpr))
+  ctx = dataclasses.replace(ctx, in_loop=True)
   if collective or ctx.active is not None:
     # A device not running this loop must not spin on values it never set.
     return _lockstep_while(ctx, state, cond_consts, body_consts, init,
@@ -271,6 +272,8 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   xs = invals[num_consts + num_carry:]
   state = checks.flush(state)
   carried = _written(ctx, state, jaxpr, [*consts, *init, *xs])
+  if length > 1:
+    ctx = dataclasses.replace(ctx, in_loop=True)
 
   def body_fn(carry, x):
     buffers, vals = carry

@@ -402,7 +402,8 @@ def interpret_pallas_call(
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores,
       wait_code_bits=dma_rules.wait_code_bits(num_steps),
-      mesh=device_mesh, in_flight=in_flight)
+      mesh=device_mesh, in_flight=in_flight,
+      in_loop=not (isinstance(num_steps, int) and num_steps == 1))
   per_core = core_plan.per_core
   plan, state = schedule.make(
       ctx, KernelState(buffers), grid, operands, len(in_ops),

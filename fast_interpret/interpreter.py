@@ -104,6 +104,8 @@ class RuleContext:
     constants: NumPy values of the variables of the jaxpr being evaluated
       that are known while tracing (see constants.py); read them through
       ``known_operand``.
+    in_loop: whether this code runs inside a loop of more than one
+      iteration (fences there do not pack values: see fences.py).
   """
 
   params: Any
@@ -128,6 +130,7 @@ class RuleContext:
   lockstep: Any = None
   outbox: list | None = None
   constants: Mapping[_jax.Var, Any] = dataclasses.field(default_factory=dict)
+  in_loop: bool = False
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -194,7 +197,7 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     env[var] = val
   for var, val in zip(jaxpr.invars, args, strict=True):
     env[var] = val
-  fencer = fences.Fencer(jaxpr, ctx.opaque_true)
+  fencer = fences.Fencer(jaxpr, ctx.opaque_true, pack=not ctx.in_loop)
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
     invals = [read(v) for v in eqn.invars]
