@@ -634,7 +634,7 @@ def _expected_word(values, limits, step, sites=None):
     if not lo <= int(v) <= hi:
       site = i if sites is None else sites[i]
       return np.array([site + 1, step, int(v), i, 0, 0, 0, 0], np.int32)
-  return np.zeros(8, np.int32)
+  return np.asarray(checks.initial_word())
 
 
 class FoldTest(chex.TestCase):
@@ -745,7 +745,7 @@ class FoldTest(chex.TestCase):
 
     word = self.variant(fold)(jnp.int32(start[0]), jnp.int32(start[1]))
     if bad_dim is None:
-      np.testing.assert_array_equal(word, np.zeros(8, np.int32))
+      np.testing.assert_array_equal(word, checks.initial_word())
     else:
       np.testing.assert_array_equal(word, [1, 1, *start, 0, 0, 0, 0])
 
