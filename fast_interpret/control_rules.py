@@ -72,6 +72,34 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what,
   return new_state, outs
 
 
+def _rematerialised(ctx: RuleContext, ops):
+  """(ctx, ops) for a branch being traced, cheap scalars recomputed in it.
+
+  Values in ``ctx.remat`` (program ids) are read again from the schedule's
+  table inside the branch, where the read fuses into the code using them,
+  instead of entering the conditional as operands, each a fusion kernel of
+  its own on XLA:CPU (see ``RuleContext.remat``). Not done for loop bodies:
+  there the read often feeds an index that does not fuse (paged
+  attention's page loop got one more kernel).
+  """
+  if not ctx.remat:
+    return ctx, ops
+  remat = dict(ctx.remat)
+
+  def again(x):
+    entry = ctx.remat.get(id(x))
+    if entry is None or entry[0] is not x:
+      return x
+    y = entry[1]()
+    remat[id(y)] = (y, entry[1])
+    return y
+
+  new_ops = [again(x) for x in ops]
+  program_ids = tuple(again(p) for p in ctx.program_ids)
+  return dataclasses.replace(ctx, remat=remat,
+                             program_ids=program_ids), new_ops
+
+
 def _and(active, pred):
   return pred if active is None else active & pred
 
@@ -97,8 +125,9 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   def make_branch(closed, k=None, layout=None, kept=None):
     def branch(buffers):
       sends = [] if hoist else None
-      st, outs = _run(ctx, state.with_buffers(buffers), closed, ops, carried,
-                      "a cond branch", keep_sends=sends)
+      branch_ctx, branch_ops = _rematerialised(ctx, ops)
+      st, outs = _run(branch_ctx, state.with_buffers(buffers), closed,
+                      branch_ops, carried, "a cond branch", keep_sends=sends)
       if not hoist:
         return st.subset(carried), outs
       if kept is not None:

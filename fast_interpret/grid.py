@@ -24,6 +24,7 @@ aliased to that output still reads the old HBM contents in between.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -417,6 +418,8 @@ def interpret_pallas_call(
              | {k for k in buffers if k < 0})
   invariant = {k: v for k, v in buffers.items() if k not in carried}
 
+  has_remote = remote.has_remote_ops(jaxpr)
+
   def begin_step(state, step, row: schedule.Row, blocks=None,
                  core=None) -> StepStart:
     """Sets up one grid step: input blocks, program ids, the kernel's refs.
@@ -433,9 +436,15 @@ def interpret_pallas_call(
                  else _read_block(state.read(op.hbm_id), op, st,
                                   block_fill))
         state = state.add(op.block_id, block)
+    program_ids = tuple(row.coords[d] for d in visible)
+    remat = {}
+    if row.coord_fn is not None and not has_remote:
+      # (Remote ops recognise program ids by identity: they keep theirs.)
+      remat = {id(p): (p, functools.partial(row.coord_fn, d))
+               for p, d in zip(program_ids, visible, strict=True)}
     step_ctx = dataclasses.replace(
-        ctx, grid_step=step, program_ids=tuple(row.coords[d] for d in visible),
-        pending_waits=[], core_index=core, lockstep=lockstep)
+        ctx, grid_step=step, program_ids=program_ids,
+        pending_waits=[], core_index=core, lockstep=lockstep, remat=remat)
     n_scalar = len(scalar_handles)
     step_args = list(kernel_args)
     for k, (op, idx) in enumerate(zip(operands, row.block_indices,

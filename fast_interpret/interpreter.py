@@ -102,6 +102,12 @@ class RuleContext:
     constants: NumPy values of the variables of the jaxpr being evaluated
       that are known while tracing (see constants.py); read them through
       ``known_operand``.
+    remat: ``id(value) -> (value, recompute)`` for traced scalars (the
+      program ids of a grid step read from the schedule's table) that a
+      conditional recomputes inside its branches rather than taking as
+      operands: on XLA:CPU every scalar handed to a conditional is a
+      fusion kernel of its own (about 30 ms of compile time), while a
+      table read inside the branch fuses into the code that uses it.
   """
 
   params: Any
@@ -125,6 +131,8 @@ class RuleContext:
   lockstep: Any = None
   outbox: list | None = None
   constants: Mapping[_jax.Var, Any] = dataclasses.field(default_factory=dict)
+  remat: Mapping[int, tuple[Any, Any]] = dataclasses.field(
+      default_factory=dict)
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
