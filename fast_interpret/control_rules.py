@@ -114,19 +114,24 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   Inside a predicated branch, a plain switch still works: its rules see
   ``active`` and drop their writes where it is False.
   """
-  state = checks.flush(state)
   if (any(remote.has_remote_ops(b.jaxpr) for b in branches)
       and not remote.same_on_every_device(ctx, index)):
-    return _predicated_cond(ctx, state, index, ops, branches)
-  carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
+    return _predicated_cond(ctx, checks.flush(state), index, ops, branches)
   hoist = ctx.outbox is not None and any(
       remote.has_remote_ops(b.jaxpr) for b in branches)
+  if hoist or ctx.active is not None:
+    state = checks.flush(state)
+  else:
+    state = checks.defer(state)
+  # Branches start with nothing pending or held back.
+  inner = dataclasses.replace(state, deferred=None)
+  carried = set().union(*(_written(ctx, inner, b, ops) for b in branches))
 
   def make_branch(closed, k=None, layout=None, kept=None):
     def branch(buffers):
       sends = [] if hoist else None
       branch_ctx, branch_ops = _rematerialised(ctx, ops)
-      st, outs = _run(branch_ctx, state.with_buffers(buffers), closed,
+      st, outs = _run(branch_ctx, inner.with_buffers(buffers), closed,
                       branch_ops, carried, "a cond branch", keep_sends=sends)
       if not hoist:
         return st.subset(carried), outs
@@ -140,7 +145,7 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   index = jnp.asarray(index, jnp.int32)
   if not hoist:
     buffers, outs = lax.switch(index, [make_branch(b) for b in branches],
-                               state.subset(carried))
+                               inner.subset(carried))
     return state.with_buffers(buffers), outs
   # Remote ops still waiting at the end of a branch leave the switch as
   # outputs (zeros and a False valid flag from the other branches), so that
@@ -149,13 +154,13 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   shapes = []
   for b in branches:
     kept = []
-    jax.eval_shape(make_branch(b, kept=kept), state.subset(carried))
+    jax.eval_shape(make_branch(b, kept=kept), inner.subset(carried))
     shapes.append(kept)
   layout = outbox.slot_layout(shapes)
   kept = [[] for _ in branches]
   buffers, outs, slots = lax.switch(
       index, [make_branch(b, k, layout, kept[k])
-              for k, b in enumerate(branches)], state.subset(carried))
+              for k, b in enumerate(branches)], inner.subset(carried))
   for send in outbox.sends_of(layout, kept, slots):
     ctx.outbox.append(send)
   return state.with_buffers(buffers), outs
