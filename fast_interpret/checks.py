@@ -74,7 +74,16 @@ class Sites:
 
 
 def initial_word() -> jax.Array:
-  return jnp.zeros((_WORD,), jnp.int32)
+  """No error yet: site 0; the step slot holds -1 (no step).
+
+  Not all zeros on purpose: XLA turns a constant of equal elements into a
+  broadcast, a fusion kernel of its own on XLA:CPU (about 20 ms of compile
+  time); this constant stays a constant. Only the site slot is read while
+  it is 0.
+  """
+  word = np.zeros((_WORD,), np.int32)
+  word[1] = -1
+  return jnp.asarray(word)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,10 +228,29 @@ def flush(state):
   time that way, against 1.03x with the chains.) Called at the end of every
   traced body and before control flow, so records stay in program order.
   """
-  if not state.pending:
+  if not state.pending and state.deferred is None:
     return state
+  word = state.read(ERROR_ID)
+  if state.pending:
+    site, new = _fold(state.pending)
+    word = _first(word, new, site != 0)
+  held = state.deferred
+  if held is not None:
+    # Records from before a conditional come first: where one failed and
+    # the word before it held no error, theirs wins over the word's (which
+    # kept any earlier error, so it is right otherwise). Each vector is
+    # used once, so that XLA fuses all of it into one kernel.
+    site, new = _fold(held.records)
+    word = jnp.where((held.word[0] == 0) & (site != 0), new, word)
+  return dataclasses.replace(state, pending=(), deferred=None).write(
+      ERROR_ID, word)
+
+
+def _fold(pending) -> tuple[jax.Array, jax.Array]:
+  """(site, word) of the first failing record of ``pending`` (site 0: none).
+  """
   seen, records = set(), []
-  for r in state.pending:
+  for r in pending:
     if r.key() not in seen:
       seen.add(r.key())
       records.append(r)
@@ -233,9 +261,40 @@ def flush(state):
   for j in range(_NUM_VALUES):
     slots.append([r.values[j] if j < len(r.values) else 0 for r in records])
   site = _select_first(bad, [r.site + 1 for r in records], default=0)
-  new = jnp.stack([site, *(_select_first(bad, items) for items in slots)])
-  word = _first(state.read(ERROR_ID), new, new[0] != 0)
-  return dataclasses.replace(state, pending=()).write(ERROR_ID, word)
+  return site, jnp.stack([site, *(_select_first(bad, items)
+                                  for items in slots)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+  """Check records held back across conditionals (see ``defer``).
+
+  Attributes:
+    records: the records, in program order.
+    word: the error word before the first of those conditionals.
+  """
+
+  records: tuple[Record, ...]
+  word: Any
+
+
+def defer(state):
+  """``state`` ready to enter a conditional, its pending records held back.
+
+  A flush before a conditional is a fusion kernel of its own on XLA:CPU
+  (the word must be materialised to enter it; 20-150 ms of compile time
+  for a long run of checks). Held back (``KernelState.deferred``), the
+  records are folded by the next ``flush`` after the conditional, in one
+  kernel with the records that follow it. Records of the conditional's
+  branches land in the word meanwhile; ``flush`` puts the held ones first.
+  Only one group is held: a second one flushes both.
+  """
+  if not state.pending or ERROR_ID not in state.buffers:
+    return state
+  if state.deferred is not None:
+    return flush(state)
+  return dataclasses.replace(state, pending=(), deferred=Deferred(
+      state.pending, state.read(ERROR_ID)))
 
 
 def _select_first(bad, items, default=None) -> jax.Array:

@@ -72,6 +72,43 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what,
   return new_state, outs
 
 
+def _rematerialised(ctx: RuleContext, ops):
+  """(ctx, ops) for a branch being traced, cheap scalars recomputed in it.
+
+  Values in ``ctx.remat`` (program ids) are read again from the schedule's
+  table inside the branch, where the read fuses into the code using them,
+  instead of entering the conditional as operands, each a fusion kernel of
+  its own on XLA:CPU (see ``RuleContext.remat``). Not done for loop bodies:
+  there the read often feeds an index that does not fuse (paged
+  attention's page loop got one more kernel).
+  """
+  if not ctx.remat:
+    return ctx, ops
+  remat = dict(ctx.remat)
+
+  def again(x):
+    entry = ctx.remat.get(id(x))
+    if entry is None or entry[0] is not x:
+      return x
+    y = entry[1]()
+    remat[id(y)] = (y, entry[1])
+    return y
+
+  new_ops = [again(x) for x in ops]
+  program_ids = tuple(again(p) for p in ctx.program_ids)
+  return dataclasses.replace(ctx, remat=remat,
+                             program_ids=program_ids), new_ops
+
+
+def _no_remat(ctx: RuleContext) -> RuleContext:
+  """``ctx`` for a loop body: no program id is read again in there.
+
+  In a loop, a branch's read of the table ran at every iteration: paged
+  attention ran 2.5x slower per call.
+  """
+  return dataclasses.replace(ctx, remat={}) if ctx.remat else ctx
+
+
 def _and(active, pred):
   return pred if active is None else active & pred
 
@@ -86,10 +123,9 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   Inside a predicated branch, a plain switch still works: its rules see
   ``active`` and drop their writes where it is False.
   """
-  state = checks.flush(state)
   if (any(remote.has_remote_ops(b.jaxpr) for b in branches)
       and not remote.same_on_every_device(ctx, index)):
-    return _predicated_cond(ctx, state, index, ops, branches)
+    return _predicated_cond(ctx, checks.flush(state), index, ops, branches)
   if (ctx.check_semaphores and ctx.lockstep is None and not ctx.in_flight
       and all(_semaphore_only(b.jaxpr) for b in branches)
       and any(e.primitive in _SEMAPHORE_OPS for b in branches
@@ -98,17 +134,24 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
     # count update is live, and a conditional around it cost a conditional,
     # a predicate kernel and the update's own kernel per grid step. Run
     # every branch, masked: the update becomes a select in one kernel.
-    return _predicated_cond(ctx, state, index, ops, branches,
+    return _predicated_cond(ctx, checks.flush(state), index, ops, branches,
                             defer_waits=False)
-  carried = set().union(*(_written(ctx, state, b, ops) for b in branches))
   hoist = ctx.outbox is not None and any(
       remote.has_remote_ops(b.jaxpr) for b in branches)
+  if hoist or ctx.active is not None:
+    state = checks.flush(state)
+  else:
+    state = checks.defer(state)
+  # Branches start with nothing pending or held back.
+  inner = dataclasses.replace(state, deferred=None)
+  carried = set().union(*(_written(ctx, inner, b, ops) for b in branches))
 
   def make_branch(closed, k=None, layout=None, kept=None):
     def branch(buffers):
       sends = [] if hoist else None
-      st, outs = _run(ctx, state.with_buffers(buffers), closed, ops, carried,
-                      "a cond branch", keep_sends=sends)
+      branch_ctx, branch_ops = _rematerialised(ctx, ops)
+      st, outs = _run(branch_ctx, inner.with_buffers(buffers), closed,
+                      branch_ops, carried, "a cond branch", keep_sends=sends)
       if not hoist:
         return st.subset(carried), outs
       if kept is not None:
@@ -121,7 +164,7 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   index = jnp.asarray(index, jnp.int32)
   if not hoist:
     buffers, outs = lax.switch(index, [make_branch(b) for b in branches],
-                               state.subset(carried))
+                               inner.subset(carried))
     return state.with_buffers(buffers), outs
   # Remote ops still waiting at the end of a branch leave the switch as
   # outputs (zeros and a False valid flag from the other branches), so that
@@ -130,13 +173,13 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   shapes = []
   for b in branches:
     kept = []
-    jax.eval_shape(make_branch(b, kept=kept), state.subset(carried))
+    jax.eval_shape(make_branch(b, kept=kept), inner.subset(carried))
     shapes.append(kept)
   layout = outbox.slot_layout(shapes)
   kept = [[] for _ in branches]
   buffers, outs, slots = lax.switch(
       index, [make_branch(b, k, layout, kept[k])
-              for k, b in enumerate(branches)], state.subset(carried))
+              for k, b in enumerate(branches)], inner.subset(carried))
   for send in outbox.sends_of(layout, kept, slots):
     ctx.outbox.append(send)
   return state.with_buffers(buffers), outs
@@ -207,6 +250,8 @@ def _while_rule(ctx: RuleContext, state: KernelState, *invals, cond_jaxpr,
     return _lockstep_while(ctx, state, cond_consts, body_consts, init,
                            cond_jaxpr, body_jaxpr, carried, collective)
 
+  ctx = _no_remat(ctx)
+
   def cond_fn(carry):
     buffers, vals = carry
     _, (pred,) = _run(ctx, state.with_buffers(buffers), cond_jaxpr,
@@ -274,6 +319,7 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   carried = _written(ctx, state, jaxpr, [*consts, *init, *xs])
   if length > 1:
     ctx = dataclasses.replace(ctx, in_loop=True)
+  ctx = _no_remat(ctx)
 
   def body_fn(carry, x):
     buffers, vals = carry

@@ -106,6 +106,12 @@ class RuleContext:
       ``known_operand``.
     in_loop: whether this code runs inside a loop of more than one
       iteration (fences there do not pack values: see fences.py).
+    remat: ``id(value) -> (value, recompute)`` for traced scalars (the
+      program ids of a grid step read from the schedule's table) that a
+      conditional recomputes inside its branches rather than taking as
+      operands: on XLA:CPU every scalar handed to a conditional is a
+      fusion kernel of its own (about 30 ms of compile time), while a
+      table read inside the branch fuses into the code that uses it.
   """
 
   params: Any
@@ -131,6 +137,8 @@ class RuleContext:
   outbox: list | None = None
   constants: Mapping[_jax.Var, Any] = dataclasses.field(default_factory=dict)
   in_loop: bool = False
+  remat: Mapping[int, tuple[Any, Any]] = dataclasses.field(
+      default_factory=dict)
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from jax import lax
@@ -114,11 +114,16 @@ class Row:
     block_indices: one tuple of block indices per operand.
     writes: operand position -> whether its block goes back to HBM after the
       step (TableSchedule only; StepwiseSchedule decides after the kernel).
+    coord_fn: None, or ``d -> coords[d]`` computed afresh from the table and
+      the step in the trace it is called in (TableSchedule only), so that a
+      conditional can read a coordinate itself instead of taking it as an
+      operand (see ``RuleContext.remat``).
   """
 
   coords: tuple[Any, ...]
   block_indices: list[tuple[Any, ...]]
   writes: dict[int, Any] = dataclasses.field(default_factory=dict)
+  coord_fn: Callable[[int], Any] | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -247,17 +252,29 @@ class TableSchedule:
     if isinstance(step, int) and isinstance(self._table, np.ndarray):
       # A step known while tracing (lock-step cores): ints known too.
       row = [int(v) for v in self._table[step]]
-    else:
+      return state, self._row(row)
+    table = self._table
+
+    def read_row():
       # Steps are never negative: no index wrap-around (a compare, add and
       # select, copied into every fusion that reads the row).
-      row = lax.dynamic_index_in_dim(jnp.asarray(self._table), step,
-                                     keepdims=False,
-                                     allow_negative_indices=False)
+      return lax.dynamic_index_in_dim(jnp.asarray(table), step,
+                                      keepdims=False,
+                                      allow_negative_indices=False)
+
+    # Only a constant table is read again inside a branch: a table computed
+    # at run time would enter every such branch as an operand, which XLA
+    # may copy (paged attention ran 2.5x slower per call).
+    coord_fn = ((lambda d: read_row()[d])
+                if isinstance(table, np.ndarray) else None)
+    return state, self._row(read_row(), coord_fn)
+
+  def _row(self, row, coord_fn=None) -> Row:
     coords = tuple(row[d] for d in range(self._num_coords))
     indices = [tuple(row[c] for c in range(s.start, s.stop))
                for s in self._index_cols]
     writes = {k: row[c] > 0 for k, c in self._write_cols.items()}
-    return state, Row(coords, indices, writes)
+    return Row(coords, indices, writes, coord_fn)
 
   def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
     """(state, output position -> write flag) for the outputs in ``flagged``.

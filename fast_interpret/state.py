@@ -63,13 +63,15 @@ class KernelState:
   """All simulated memory, as a pytree of arrays keyed by buffer id.
 
   ``pending`` holds check records not yet folded into the error word (see
-  ``checks.record`` / ``checks.flush``); it must be empty whenever buffers
-  cross a ``lax`` boundary (``subset``).
+  ``checks.record`` / ``checks.flush``), and ``deferred`` those held back
+  across a conditional (``checks.defer``); both must be empty whenever
+  buffers cross a ``lax`` boundary (``subset``).
   """
 
   buffers: dict[int, Array]
   pending: tuple[Any, ...] = dataclasses.field(
       default=(), metadata=dict(static=True))
+  deferred: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   def read(self, buffer_id: int) -> Array:
     return self.buffers[buffer_id]
@@ -91,7 +93,7 @@ class KernelState:
         self, buffers={k: v for k, v in self.buffers.items() if k not in ids})
 
   def subset(self, buffer_ids) -> dict[int, Array]:
-    if self.pending:
+    if self.pending or self.deferred is not None:
       raise AssertionError(
           "fast_interpret internal error: check records not flushed before "
           "leaving a traced body")

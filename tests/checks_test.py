@@ -635,7 +635,7 @@ def _expected_word(values, limits, step, sites=None):
     if not lo <= int(v) <= hi:
       site = i if sites is None else sites[i]
       return np.array([site + 1, step, int(v), i, 0, 0, 0, 0], np.int32)
-  return np.zeros(8, np.int32)
+  return np.asarray(checks.initial_word())
 
 
 class FoldTest(chex.TestCase):
@@ -746,7 +746,7 @@ class FoldTest(chex.TestCase):
 
     word = self.variant(fold)(jnp.int32(start[0]), jnp.int32(start[1]))
     if bad_dim is None:
-      np.testing.assert_array_equal(word, np.zeros(8, np.int32))
+      np.testing.assert_array_equal(word, checks.initial_word())
     else:
       np.testing.assert_array_equal(word, [1, 1, *start, 0, 0, 0, 0])
 
@@ -1009,6 +1009,45 @@ class PoisonedWaitTest(chex.TestCase):
           Exception, SEM + r": a semaphore wait .*\(count would be -1\)"
           r".*grid step 3\)"):
         jax.block_until_ready(self._build(FI())(_i32(3, -1), X))
+
+
+class HeldRecordsTest(chex.TestCase):
+  """Checks before a pl.when are folded after it (checks.defer), in order."""
+
+  def _call(self):
+    def kernel(i_ref, x_ref, o_ref):
+      a = x_ref[pl.ds(i_ref[0], 8), :]
+
+      @pl.when(pl.program_id(0) == 0)
+      def _():
+        o_ref[...] = x_ref[pl.ds(i_ref[1], 8), :]
+
+      o_ref[...] += a + x_ref[pl.ds(i_ref[2], 8), :]
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+        grid=(2,),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM),
+                  pl.BlockSpec((16, LANES), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
+        interpret=FI())
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("before_the_branch", (11, 12, 13), r"\[11, 0\]"),
+      ("in_the_branch", (0, 12, 13), r"\[12, 0\]"),
+      ("after_the_branch", (0, 8, 13), r"\[13, 0\]"))
+  def test_first_failing_check_is_reported(self, starts, index):
+    call = self.variant(self._call())
+    x = jnp.arange(16 * LANES, dtype=jnp.float32).reshape(16, LANES)
+    with self.assertRaisesRegex(Exception, index + r".*grid step 0"):
+      jax.block_until_ready(call(jnp.array(starts, jnp.int32), x))
+
+  def test_no_error(self):
+    x = jnp.arange(16 * LANES, dtype=jnp.float32).reshape(16, LANES)
+    out = self._call()(jnp.array([0, 8, 4], jnp.int32), x)
+    np.testing.assert_array_equal(
+        out[:8], x[8:] + x[:8] + x[4:12])
 
 
 if __name__ == "__main__":
