@@ -96,6 +96,18 @@ def _i32(*values):
   return jnp.asarray(values, jnp.int32)
 
 
+def _rows_call(kernel, params, **kwargs):
+  """``kernel(smem_ref, x_ref, o_ref)`` over a grid of 2 steps: all of a
+  (16, 128) x each step, and output rows 8i:8i+8 at step i."""
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+      grid=(2,),
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM),
+                pl.BlockSpec((16, LANES), lambda i: (0, 0))],
+      out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
+      interpret=params, **kwargs)
+
+
 # ---------------------------------------------------------------------------
 # Buggy kernels. Each case builds `f(params) -> fn` where `fn` takes arrays
 # only (so it can be jitted by chex variants), plus the arguments that trigger
@@ -867,15 +879,8 @@ class MultiCoreChecksTest(chex.TestCase):
     def kernel(i_ref, x_ref, o_ref):
       o_ref[...] = x_ref[pl.ds(i_ref[pl.program_id(0)], 8), :]
 
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
-        grid=(2,),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM),
-                  pl.BlockSpec((16, LANES), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel",)),
-        interpret=params)
+    return _rows_call(kernel, params, compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel",)))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_error_on_the_second_core_is_raised(self):
@@ -1024,13 +1029,7 @@ class HeldRecordsTest(chex.TestCase):
 
       o_ref[...] += a + x_ref[pl.ds(i_ref[2], 8), :]
 
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((16, LANES), jnp.float32),
-        grid=(2,),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM),
-                  pl.BlockSpec((16, LANES), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((8, LANES), lambda i: (i, 0)),
-        interpret=FI())
+    return _rows_call(kernel, FI())
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(

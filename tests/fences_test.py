@@ -87,6 +87,19 @@ def _chain(x, i, h):
   return x, i, h
 
 
+def _three_outputs(kernel):
+  """A pallas_call of ``kernel`` on an f32, an i32 and an f16 (8,128) array."""
+  x = jnp.linspace(-1, 1, 1024, dtype=jnp.float32).reshape(8, 128)
+  i = jnp.arange(1024, dtype=jnp.int32).reshape(8, 128)
+  h = jnp.zeros((8, 128), jnp.float16)
+  call = pl.pallas_call(
+      kernel,
+      out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                      for a in (x, i, h)),
+      interpret=fast_interpret.FastInterpretParams())
+  return call, (x, i, h)
+
+
 class FencedKernelTest(absltest.TestCase):
 
   def test_mixed_dtypes_through_fences(self):
@@ -94,15 +107,7 @@ class FencedKernelTest(absltest.TestCase):
       xo_ref[...], io_ref[...], ho_ref[...] = _chain(
           x_ref[...], i_ref[...], h_ref[...])
 
-    x = jnp.linspace(-1, 1, 1024, dtype=jnp.float32).reshape(8, 128)
-    i = jnp.arange(1024, dtype=jnp.int32).reshape(8, 128)
-    h = jnp.zeros((8, 128), jnp.float16)
-    call = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct(i.shape, i.dtype),
-                   jax.ShapeDtypeStruct(h.shape, h.dtype)),
-        interpret=fast_interpret.FastInterpretParams())
+    call, (x, i, h) = _three_outputs(kernel)
     got = jax.jit(call)(x, i, h)
     want = jax.jit(_chain)(x, i, h)
     for g, w in zip(got, want, strict=True):
@@ -120,15 +125,7 @@ class FencedKernelTest(absltest.TestCase):
       xo_ref[...], io_ref[...], ho_ref[...] = jax.lax.fori_loop(
           0, 2, body, (x_ref[...], i_ref[...], h_ref[...]))
 
-    x = jnp.linspace(-1, 1, 1024, dtype=jnp.float32).reshape(8, 128)
-    i = jnp.arange(1024, dtype=jnp.int32).reshape(8, 128)
-    h = jnp.zeros((8, 128), jnp.float16)
-    call = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct(i.shape, i.dtype),
-                   jax.ShapeDtypeStruct(h.shape, h.dtype)),
-        interpret=fast_interpret.FastInterpretParams())
+    call, (x, i, h) = _three_outputs(kernel)
     got = jax.jit(call)(x, i, h)
     want = jax.jit(_chain)(*jax.jit(_chain)(x, i, h))
     for g, w in zip(got, want, strict=True):
