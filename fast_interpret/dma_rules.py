@@ -122,11 +122,13 @@ def _keep_poison(v, new):
 def _view_mask(shape, transforms) -> jax.Array:
   """bool array of ``shape``: True on the elements of the view ``transforms``.
 
-  A one-element view compares an iota with the flat index the view picks
-  from it: elementwise code that XLA fuses into each update using it.
+  A one-element view compares flat indices with the one the view picks:
+  elementwise code that XLA fuses into each update using it. The indices
+  are an iota traced here, not a constant: a constant used inside a
+  conditional's branch becomes an operand of the conditional, which XLA
+  then materialises as a kernel of its own every grid step.
   """
-  # A NumPy constant: XLA folds a mask with static indices, not an iota.
-  ids = jnp.asarray(np.arange(math.prod(shape), dtype=np.int32).reshape(shape))
+  ids = lax.iota(jnp.int32, math.prod(shape)).reshape(shape)
   picked = views.read(ids, transforms)
   if picked.size == 1:
     return ids == picked.reshape(())
