@@ -127,9 +127,7 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
       and not remote.same_on_every_device(ctx, index)):
     return _predicated_cond(ctx, checks.flush(state), index, ops, branches)
   if (ctx.check_semaphores and ctx.lockstep is None and not ctx.in_flight
-      and all(_semaphore_only(b.jaxpr) for b in branches)
-      and any(e.primitive in _SEMAPHORE_OPS for b in branches
-              for e in b.jaxpr.eqns)):
+      and _semaphore_only(branches)):
     # E.g. ``pl.when(i >= 2)`` around a DMA wait: with checks on, the
     # count update is live, and a conditional around it cost a conditional,
     # a predicate kernel and the update's own kernel per grid step. Run
@@ -215,21 +213,25 @@ _SEMAPHORE_OPS = frozenset({_jax.semaphore_wait_p, _jax.semaphore_signal_p,
 _MAX_SELECTED_EQNS = 16
 
 
-def _semaphore_only(jaxpr: _jax.Jaxpr) -> bool:
-  """Whether a branch only waits or signals locally, with scalar arithmetic.
+def _semaphore_only(branches) -> bool:
+  """Whether the branches wait or signal locally, and do only scalar
+  arithmetic besides (the empty branch of a ``pl.when`` qualifies).
 
-  Such a branch costs less run unconditionally with its updates masked than
-  as a conditional (the empty branch of a ``pl.when`` qualifies).
+  Such branches cost less run unconditionally with their updates masked
+  than as a conditional.
   """
-  if len(jaxpr.eqns) > _MAX_SELECTED_EQNS or remote.has_remote_ops(jaxpr):
-    return False
-  for eqn in jaxpr.eqns:
-    if eqn.primitive in _SEMAPHORE_OPS:
-      continue
-    if not interpreter.is_pure(eqn) or any(
-        getattr(v.aval, "ndim", 1) != 0 for v in eqn.outvars):
+  waits = False
+  for closed in branches:
+    jaxpr = closed.jaxpr
+    if len(jaxpr.eqns) > _MAX_SELECTED_EQNS or remote.has_remote_ops(jaxpr):
       return False
-  return True
+    for eqn in jaxpr.eqns:
+      if eqn.primitive in _SEMAPHORE_OPS:
+        waits = True
+      elif not interpreter.is_pure(eqn) or any(
+          getattr(v.aval, "ndim", 1) != 0 for v in eqn.outvars):
+        return False
+  return waits
 
 
 @register_rule(_jax.while_p, predicated=True)

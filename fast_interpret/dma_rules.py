@@ -93,7 +93,7 @@ def _add_where(amount, hit):
 # check_semaphores on, outside predicated branches): the count becomes
 # INT32_MIN | code, with the grid step, the kind of wait and the deficit in
 # ``code``, and stays so; the kernel's end (or the end of a run_scoped)
-# reports it (``poisoned_wait_records``). The check then costs a select in
+# reports it (``end_records``). The check then costs a select in
 # the semaphore's own update, not a record folded into the error word after
 # every wait: on a double-buffered DMA kernel those folds were a third of the
 # kernels of each grid step. Every count at or below _POISON_LIMIT is
@@ -140,8 +140,9 @@ def _as_vector(update):
   """``update`` applied to a scalar view as a 1-element vector.
 
   A scalar view is a reshape of the buffer's dynamic slice; read more than
-  once as a scalar it keeps XLA:CPU from fusing the slice into the in-place
-  update, which then costs two kernels instead of one.
+  once as a scalar (``_keep_poison`` compares, then selects) it keeps
+  XLA:CPU from fusing the slice into the in-place update, which then costs
+  two kernels instead of one.
   """
   def apply(v):
     return update(v.reshape(v.shape or (1,))).reshape(v.shape)
@@ -263,7 +264,6 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
     mask = _view_mask(buf.shape, transforms)
     state = state.write(handle.buffer_id, jnp.where(mask, update(buf), buf))
   else:
-    update = _as_vector(update)
     new, buf = views.update(buf, transforms, lambda v: (update(v),) * 2)
     state = state.write(handle.buffer_id, buf)
   if ctx.check_semaphores and what and ctx.defer_waits:
