@@ -92,8 +92,9 @@ class FastInterpretParams(_jax.InterpretParams):
       store or DMA destination outside the buffer are dropped (JAX's mode
       raises on those). It costs a few ops on every access whose start is
       not known while tracing. Blocks that an index map selects outside the
-      array are read and written back the same way. Array (gather) indices
-      still clamp. ``"clamp"`` (ours, used by ``unchecked()`` and the
+      array are read and written back the same way, and so are the entries
+      of an integer-array index (``pltpu.InterpretParams`` rejects those;
+      a TPU does not support them). ``"clamp"`` (ours, used by ``unchecked()`` and the
       ``fast`` preset) turns the checks off at no cost: an out-of-range
       dynamic start is clamped into range (XLA and ``interpret=True``
       semantics).

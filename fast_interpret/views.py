@@ -14,7 +14,9 @@ Out of range indices: by default a dynamic start is clamped, as
 ``uninitialized_memory`` mode, for ``out_of_bounds_reads="uninitialized"``)
 the elements of a slice or strided view that fall outside the buffer read
 as the uninitialised value and writes to them are dropped, as
-``pltpu.InterpretParams`` reads them; array (gather) indexers still clamp.
+``pltpu.InterpretParams`` reads them. Integer-array indexers read the
+uninitialised value for their entries outside the buffer and drop writes
+through them (a slice beside an array indexer still clamps).
 
 A slice of dynamic size (``pl.ds(start, n)`` with a traced ``n``, as DMAs of
 ``pl.BoundedSlice`` pipelines make) views its whole dimension rotated so the
@@ -238,13 +240,41 @@ def _scatter_inside(x, starts, val):
   return x.at[tuple(index)].set(val.astype(x.dtype), mode="drop")
 
 
+def _padded_for_arrays(x: Array, indexer, fill: str):
+  """``x`` and ``indexer`` such that array entries outside ``x`` miss it.
+
+  Every dimension indexed by an integer array (or scalar) gets one extra
+  element holding the uninitialised value, and entries outside the dimension
+  (negative ones too: a TPU does not wrap) point at it. A read then sees the
+  fill value there, and a write lands in the extra element, which the caller
+  slices off. Slice dimensions are unchanged (their starts clamp).
+  """
+  pads, indices = [], []
+  for idx, size in zip(indexer.indices, x.shape, strict=True):
+    if isinstance(idx, _jax.Slice):
+      pads.append((0, 0, 0))
+      indices.append(idx)
+      continue
+    idx = jnp.asarray(idx, jnp.int32)
+    pads.append((0, 1, 0))
+    indices.append(jnp.where((idx >= 0) & (idx < size), idx, size))
+  padded = lax.pad(x, _fill_value(x, fill), pads)
+  return padded, dataclasses.replace(indexer, indices=tuple(indices),
+                                     shape=padded.shape)
+
+
 def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
   indexer = _normalized(indexer, x.shape)
   _bounds(x.shape, indexer, report)
   window = _as_window(indexer)
   if window is None:
     y = _strided_read(x, indexer, fill)
-    return _jax.index_array(x, indexer) if y is None else y
+    if y is not None:
+      return y
+    if fill is None:
+      return _jax.index_array(x, indexer)
+    padded, indexer = _padded_for_arrays(x, indexer, fill)
+    return _jax.index_array(padded, indexer)
   starts, sizes, squeeze = window
   if fill is not None and _maybe_outside(starts, sizes, x.shape):
     y = filled_window_read(x, starts, sizes, fill)
@@ -270,8 +300,12 @@ def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
   indexer = _normalized(indexer, x.shape)
   window = _as_window(indexer)
   if window is None:
-    _, new_x = _jax.transform_swap_array(x, [indexer], val)
-    return new_x
+    if fill is None:
+      _, new_x = _jax.transform_swap_array(x, [indexer], val)
+      return new_x
+    padded, indexer = _padded_for_arrays(x, indexer, fill)
+    _, new_x = _jax.transform_swap_array(padded, [indexer], val)
+    return lax.slice(new_x, (0,) * x.ndim, x.shape)
   starts, sizes, squeeze = window
   if tuple(sizes) == x.shape and all(_static_int(s) == 0 for s in starts):
     return lax.reshape(val, x.shape) if squeeze else val

@@ -1,8 +1,8 @@
 """Tests of uninitialised values: out-of-bounds reads and unwritten memory.
 
 ``out_of_bounds_reads="uninitialized"``: the elements of a ref load, strided
-load, scalar-indexed load or DMA source that lie outside their buffer read as
-the uninitialised value (NaN / int max / True, or zero); stores and DMA
+load, scalar- or array-indexed load or DMA source that lie outside their
+buffer read as the uninitialised value (NaN / int max / True, or zero); stores and DMA
 destinations drop the elements outside the buffer; so do input and output
 blocks that a block index map selects outside the array. ``"clamp"`` (the
 ``fast`` preset) clamps the start instead. References are NumPy, and
@@ -181,6 +181,39 @@ class OutOfBoundsReadTest(chex.TestCase):
     for k in range(8):
       if 0 <= s + k < ROWS:
         expected[s + k] = np.asarray(x)[k]
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("inside", (1, 15, 0, 7)),
+                                  ("past_end", (1, 20, 16, 5)),
+                                  ("negative", (-3, 2, -1, 100)))
+  def test_array_index_load(self, rows):
+    def kernel(i_ref, x_ref, o_ref):
+      o_ref[...] = x_ref[i_ref[...], :]
+
+    out = self.variant(lambda i, x: _call(
+        kernel, _sds((4, LANES)), i, x, in_specs=[VMEM, VMEM],
+        out_specs=VMEM, interpret=_params()))(jnp.array(rows, jnp.int32),
+                                               _x())
+    np.testing.assert_array_equal(np.asarray(out), _rows(_x(), rows, np.nan))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("inside", (1, 15, 0, 7)),
+                                  ("past_end", (1, 20, 16, 5)),
+                                  ("negative", (-3, 2, -1, 100)))
+  def test_array_index_store_drops_outside_rows(self, rows):
+    def kernel(i_ref, x_ref, o_ref):
+      o_ref[...] = jnp.zeros_like(o_ref)
+      o_ref[i_ref[...], :] = x_ref[...]
+
+    x = _x()[:4] + 1.0
+    out = self.variant(lambda i, x: _call(
+        kernel, _sds((ROWS, LANES)), i, x, in_specs=[VMEM, VMEM],
+        out_specs=VMEM, interpret=_params()))(jnp.array(rows, jnp.int32), x)
+    expected = np.zeros((ROWS, LANES), np.float32)
+    for k, r in enumerate(rows):
+      if 0 <= r < ROWS:
+        expected[r] = np.asarray(x)[k]
     np.testing.assert_array_equal(np.asarray(out), expected)
 
   @chex.variants(with_jit=True, without_jit=True)
