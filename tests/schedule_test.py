@@ -206,6 +206,86 @@ class RunTimeTableTest(chex.TestCase):
         out, jnp.concatenate([X[3:11], X[24:32]]))
 
 
+def _two_output_call(steps, params):
+  """One input and two outputs (2-D and 3-D blocks), all from prefetch.
+
+  Step i reads input block s[i], and writes back output blocks
+  (s[steps + i], 0) and (s[2 * steps + i], s[3 * steps + i], 0).
+  """
+  def kernel(s_ref, x_ref, o1_ref, o2_ref):
+    del s_ref
+    o1_ref[...] = x_ref[...] + 1.0
+    o2_ref[...] = x_ref[...][None] + 2.0
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(steps,),
+      in_specs=[pl.BlockSpec((8, LANES), lambda i, s: (s[i], 0))],
+      out_specs=[
+          pl.BlockSpec((8, LANES), lambda i, s: (s[steps + i], 0)),
+          pl.BlockSpec((1, 8, LANES),
+                       lambda i, s: (s[2 * steps + i], s[3 * steps + i], 0)),
+      ])
+  return pl.pallas_call(
+      kernel, out_shape=[jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+                         jax.ShapeDtypeStruct((2, 16, LANES), jnp.float32)],
+      grid_spec=grid_spec, interpret=params)
+
+
+def _first_table_error(s, steps):
+  """The error the schedule checks report, computed step by step."""
+  blocks = [[(s[i], 0) for i in range(steps)],
+            [(s[steps + i], 0) for i in range(steps)],
+            [(s[2 * steps + i], s[3 * steps + i], 0) for i in range(steps)]]
+  limits = [(4, 1), (2, 1), (2, 2, 1)]
+  written = [set(), set()]
+  for i in range(steps):
+    # Bounds of every operand first, then revisits of every output.
+    for b, lim in zip(blocks, limits, strict=True):
+      if any(not 0 <= v < n for v, n in zip(b[i], lim, strict=True)):
+        return OOB, b[i], i
+    for k, (b, lim) in enumerate(zip(blocks[1:], limits[1:], strict=True)):
+      if i + 1 < steps and b[i + 1] == b[i]:
+        continue  # Not written back at this step.
+      if b[i] in written[k]:
+        return REVISIT, b[i], i
+      written[k].add(b[i])
+  return None
+
+
+class RunTimeTableReportTest(chex.TestCase):
+  """All checks of a run-time table: the earliest step's first check wins."""
+
+  @chex.variants(with_jit=True)
+  def test_reports_match_sequential_checks(self):
+    steps = 4
+    call = self.variant(_two_output_call(steps, FI()))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(24):
+      # In bounds, but for one index past its limit one time in three.
+      limits = np.repeat([4, 2, 2, 2], steps)
+      s = rng.integers(0, limits)
+      if rng.integers(3) == 0:
+        at = rng.integers(s.size)
+        s[at] = limits[at]
+      s = [int(v) for v in s]
+      want = _first_table_error(s, steps)
+      if want is None:
+        outs = call(_i32(*s), X[:32])
+        jax.block_until_ready(outs)
+        seen.add(None)
+        continue
+      prefix, block, step = want
+      seen.add(prefix)
+      where = ", ".join(str(v) for v in block[:-1])
+      with self.assertRaisesRegex(
+          Exception, prefix + r".*block \[" + where + r", 0\].*"
+          r"grid step " + str(step) + r"\)"):
+        jax.block_until_ready(call(_i32(*s), X[:32]))
+    # The draws cover every outcome.
+    self.assertEqual(seen, {None, OOB, REVISIT})
+
+
 class NumpyIndexMapTest(parameterized.TestCase):
   """Ref-free index maps are tabulated with NumPy; they must agree with JAX."""
 
