@@ -14,12 +14,14 @@ Stages (``TableSchedule.build``):
      while tracing (``jax.ensure_compile_time_eval``), so the table is a
      constant of the program; index maps that read scalar-prefetch SMEM are
      evaluated at run time, once, before the loop (their SMEM reads are
-     bounds-checked like any other).
+     bounds-checked like any other, except reads at a grid coordinate of a
+     table that spans its axis: those cannot fail).
   2. Derive the write-back flags from consecutive rows and each core's last
      step.
-  3. Check block indices and output revisits over the whole table. With a
-     constant table a failure raises while tracing; otherwise the first
-     failing step is recorded in the error word.
+  3. Check block indices and output revisits over the whole table, all in
+     one boolean matrix (``_check_table``). With a constant table a failure
+     raises while tracing; otherwise one reduction finds the first failing
+     step's first check, and one record puts it in the error word.
 
 The loop body then reads one row per step: no index-map evaluation, no
 div/mod for the coordinates and no per-step checks. Grids with dynamic
@@ -202,7 +204,7 @@ class TableSchedule:
     for d, perm in enumerate(permutations):
       if perm is not None:
         coords[:, d] = np.asarray(perm)[coords[:, d]]
-    blocks, state = _eval_all(ctx, state, operands, steps, coords,
+    blocks, state = _eval_all(ctx, state, operands, grid, steps, coords,
                               scalar_handles)
     xp = np if isinstance(blocks, np.ndarray) else jnp
     starts = _starts(operands)
@@ -659,7 +661,7 @@ def _numpy_tables(operands, coords):
                    axis=1) if outs else np.zeros((n, 0), np.int32))
 
 
-def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
+def _eval_all(ctx, state, operands, grid, steps, coords, scalar_handles):
   """Every block index at every step: [num_steps, all operands' block dims].
 
   The columns of each operand follow those of the one before (``_starts``).
@@ -674,9 +676,13 @@ def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
     local = KernelState(
         {**buffers, **({checks.ERROR_ID: checks.initial_word()}
                        if checked else {})})
-    here = dataclasses.replace(ctx, grid_step=step)
     coords_here = [lax.index_in_dim(row, d, keepdims=False)
                    for d in range(row.shape[0])]
+    # The coordinates are the program ids of the step: SMEM reads at them
+    # need no check where the table spans the grid (checks.record_bounds).
+    here = dataclasses.replace(ctx, grid_step=step,
+                               program_ids=tuple(coords_here),
+                               num_programs=tuple(grid))
     outs = []
     for op in operands:
       local, out = eval_index_map(here, local, op, coords_here,

@@ -185,6 +185,21 @@ class RunTimeTableTest(chex.TestCase):
     self.assertEqual(out.shape, (24, LANES))
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_index_map_smem_read_at_coordinate_out_of_bounds(self):
+    # s[i] over a grid of 3 with s of 2 entries: past the end at step 2
+    # (reads at a coordinate go unchecked only where s spans the grid).
+    call = self.variant(_prefetch_call(
+        24, (3,), FI(), in_map=lambda i, s: (s[i], 0),
+        out_map=lambda i, s: (i, 0)))
+    with self.assertRaisesRegex(
+        Exception, OOB + r": load of scalar_prefetch\[0\] at index \[2\].*"
+        r"grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1), X))
+    np.testing.assert_array_equal(
+        call(_i32(2, 0, 1), X),
+        _pipeline_reference(X, (2, 0, 1), (0, 1, 2), 24))
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_kernel_error_at_an_earlier_step_wins(self):
     # Step 0 loads out of bounds in the body; the index map fails at step 1.
     def kernel(s_ref, x_ref, o_ref):
