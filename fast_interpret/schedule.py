@@ -213,7 +213,7 @@ class TableSchedule:
                   for k in range(len(operands))]
     outputs = [k for k in range(num_inputs, len(operands))
                if operands[k].block_id is not None]
-    columns, write_cols, writes = [coords, blocks], {}, None
+    columns, write_cols, writes, padded = [coords, blocks], {}, None, None
     if outputs:
       # An output's block goes back to HBM when the next step maps it to
       # another block, and at each core's last step.
@@ -225,7 +225,7 @@ class TableSchedule:
       start = coords.shape[1] + starts[-1]
       write_cols = {k: start + i for i, k in enumerate(outputs)}
     state = _check_table(ctx, state, operands, blocks, starts, outputs,
-                         writes, check_revisits, xp)
+                         padded, writes, check_revisits, xp)
     table = xp.concatenate([xp.asarray(c, np.int32) for c in columns], axis=1)
     return cls(table, coords.shape[1], index_cols, write_cols), state
 
@@ -427,8 +427,8 @@ def _padded_blocks(xp, blocks, starts, outputs):
   return with_zero[:, cols]
 
 
-def _check_table(ctx, state, operands, blocks, starts, outputs, writes,
-                 check_revisits, xp):
+def _check_table(ctx, state, operands, blocks, starts, outputs, padded,
+                 writes, check_revisits, xp):
   """Records (or, for a constant table, raises) the first failing check.
 
   Every check of the table is a column of one boolean matrix with a row per
@@ -442,6 +442,7 @@ def _check_table(ctx, state, operands, blocks, starts, outputs, writes,
     blocks: [num_steps, all operands' block dims] every block index.
     starts: where each operand's columns of ``blocks`` start (and end).
     outputs: the output positions with a block mapping, in order.
+    padded: their block indices (``_padded_blocks``), or None.
     writes: [num_steps, len(outputs)] the write-back flags, or None.
   """
   bounded = [k for k, op in enumerate(operands)
@@ -467,7 +468,7 @@ def _check_table(ctx, state, operands, blocks, starts, outputs, writes,
       reports.extend([(_block_index_template(op), cols)] * len(cols))
     parts.append((blocks < lo) | (blocks > hi))
   if revisited:
-    parts.append(_revisits(xp, operands, blocks, starts, outputs, writes,
+    parts.append(_revisits(xp, operands, outputs, padded, writes,
                            revisited))
     reports.extend((_revisit_template(operands[outputs[i]]),
                     list(range(starts[outputs[i]], starts[outputs[i] + 1])))
@@ -522,16 +523,19 @@ def _gather(vector, positions):
       slice_sizes=(1,), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _revisits(xp, operands, blocks, starts, outputs, writes, revisited):
+def _revisits(xp, operands, outputs, padded, writes, revisited):
   """[num_steps, len(revisited)] bool: this write-back's block was before.
 
-  ``revisited`` are positions in ``outputs``. Their blocks are numbered in
-  one key space (each output's blocks after the previous output's), so that
-  one scatter-min (or one sort) finds every output's first write-back of
-  each block.
+  ``revisited`` are positions in ``outputs`` (and in the second axis of
+  ``padded`` and ``writes``). Their blocks are numbered in one key space
+  (each output's blocks after the previous output's), so that one
+  scatter-min (or one sort) finds every output's first write-back of each
+  block.
   """
   chosen = [outputs[i] for i in revisited]
-  padded = _padded_blocks(xp, blocks, starts, chosen)
+  if len(chosen) < len(outputs):
+    padded = padded[:, np.asarray(revisited)]
+    writes = writes[:, np.asarray(revisited)]
   width = padded.shape[2]
   # Per output and dimension: the number of blocks and the key's stride
   # (padding: one block, stride 0).
@@ -548,8 +552,7 @@ def _revisits(xp, operands, blocks, starts, outputs, writes, revisited):
   # A block outside the array (reported as such, or not checked) is no
   # visit of the edge block its index clips to.
   inside = xp.all((padded >= 0) & (padded < counts), axis=2)
-  write = (writes if len(chosen) == len(outputs)
-           else writes[:, np.asarray(revisited)]) & inside
+  write = writes & inside
   key = (xp.sum(xp.clip(padded, 0, counts - 1) * strides, axis=2)
          + np.asarray(bases, np.int32)).astype(np.int32)
   # Step-major: a flat position's order is its step's order.

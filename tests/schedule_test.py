@@ -300,6 +300,35 @@ class RunTimeTableReportTest(chex.TestCase):
     # The draws cover every outcome.
     self.assertEqual(seen, {None, OOB, REVISIT})
 
+  @chex.variants(with_jit=True)
+  def test_element_output_not_revisit_checked_the_other_is(self):
+    # Output 0 (an Element row offset s[i] * 8) is not revisit-checked;
+    # output 1 (block s[3 + i]) is, in the same table.
+    def kernel(s_ref, x_ref, o1_ref, o2_ref):
+      del s_ref
+      o1_ref[...] = x_ref[...] + 1.0
+      o2_ref[...] = x_ref[...] + 2.0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(3,),
+        in_specs=[pl.BlockSpec((8, LANES), lambda i, s: (i, 0))],
+        out_specs=[
+            pl.BlockSpec((pl.Element(8), LANES), lambda i, s: (s[i] * 8, 0)),
+            pl.BlockSpec((8, LANES), lambda i, s: (s[3 + i], 0))])
+    call = self.variant(pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((16, LANES), jnp.float32)] * 2,
+        grid_spec=grid_spec, interpret=FI()))
+    out1, out2 = call(_i32(0, 1, 0, 0, 1, 1), X)
+    np.testing.assert_array_equal(
+        out1, _pipeline_reference(X, (0, 1, 2), (0, 1, 0), 16))
+    np.testing.assert_array_equal(
+        out2, _pipeline_reference(X, (0, 1, 2), (0, 1, 1), 16) + 1.0)
+    with self.assertRaisesRegex(
+        Exception, REVISIT + r": block \[0, 0\] of outputs\[1\].*"
+        r"grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1, 1, 0, 1, 0), X))
+
 
 class NumpyIndexMapTest(parameterized.TestCase):
   """Ref-free index maps are tabulated with NumPy; they must agree with JAX."""
