@@ -14,12 +14,14 @@ Stages (``TableSchedule.build``):
      while tracing (``jax.ensure_compile_time_eval``), so the table is a
      constant of the program; index maps that read scalar-prefetch SMEM are
      evaluated at run time, once, before the loop (their SMEM reads are
-     bounds-checked like any other).
+     bounds-checked like any other, except reads at a grid coordinate of a
+     table that spans its axis: those cannot fail).
   2. Derive the write-back flags from consecutive rows and each core's last
      step.
-  3. Check block indices and output revisits over the whole table. With a
-     constant table a failure raises while tracing; otherwise the first
-     failing step is recorded in the error word.
+  3. Check block indices and output revisits over the whole table, all in
+     one boolean matrix (``_check_table``). With a constant table a failure
+     raises while tracing; otherwise one reduction finds the first failing
+     step's first check, and one record puts it in the error word.
 
 The loop body then reads one row per step: no index-map evaluation, no
 div/mod for the coordinates and no per-step checks. Grids with dynamic
@@ -202,37 +204,28 @@ class TableSchedule:
     for d, perm in enumerate(permutations):
       if perm is not None:
         coords[:, d] = np.asarray(perm)[coords[:, d]]
-    indices, state = _eval_all(ctx, state, operands, steps, coords,
-                               scalar_handles)
-    xp = np if all(isinstance(t, np.ndarray) for t in indices) else jnp
-    columns, index_cols, start = [coords], [], coords.shape[1]
-    for t in indices:
-      columns.append(t)
-      index_cols.append(slice(start, start + t.shape[1]))
-      start += t.shape[1]
-    # (bad per step, message, values per step), bounds before revisits.
-    failures = []
-    if ctx.check_bounds:
-      for k, op in enumerate(operands):
-        if op.block_id is not None:
-          t = indices[k]
-          bad = xp.any((t < 0) | (t >= xp.asarray(block_limits(op))), axis=1)
-          failures.append((bad, _block_index_template(op), t))
-    write_cols = {}
-    for k, op in enumerate(operands):
-      if k < num_inputs or op.block_id is None:
-        continue
-      t = indices[k]
-      changed = xp.concatenate([xp.any(t[:-1] != t[1:], axis=1),
-                                xp.ones((1,), bool)])
-      write = changed | last_of_core
-      columns.append(write.astype(np.int32)[:, None])
-      write_cols[k] = start
-      start += 1
-      if check_revisits and revisit_grid(op) is not None:
-        failures.append((_revisits(t, revisit_grid(op), write, xp),
-                         _revisit_template(op), t))
-    state = _report(ctx, state, failures, xp)
+    blocks, state = _eval_all(ctx, state, operands, grid, steps, coords,
+                              scalar_handles)
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    starts = _starts(operands)
+    index_cols = [slice(coords.shape[1] + starts[k],
+                        coords.shape[1] + starts[k + 1])
+                  for k in range(len(operands))]
+    outputs = [k for k in range(num_inputs, len(operands))
+               if operands[k].block_id is not None]
+    columns, write_cols, writes, padded = [coords, blocks], {}, None, None
+    if outputs:
+      # An output's block goes back to HBM when the next step maps it to
+      # another block, and at each core's last step.
+      padded = _padded_blocks(xp, blocks, starts, outputs)
+      changed = xp.any(padded[:-1] != padded[1:], axis=2)
+      writes = xp.concatenate([changed, xp.ones((1, len(outputs)), bool)],
+                              axis=0) | last_of_core[:, None]
+      columns.append(writes.astype(np.int32))
+      start = coords.shape[1] + starts[-1]
+      write_cols = {k: start + i for i, k in enumerate(outputs)}
+    state = _check_table(ctx, state, operands, blocks, starts, outputs,
+                         padded, writes, check_revisits, xp)
     table = xp.concatenate([xp.asarray(c, np.int32) for c in columns], axis=1)
     return cls(table, coords.shape[1], index_cols, write_cols), state
 
@@ -412,68 +405,183 @@ def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
   return schedule, state
 
 
-def _revisits(t, shape, write, xp):
-  """bool per step: the block written back here was written back before."""
-  clipped = [xp.clip(t[:, d], 0, n - 1) for d, n in enumerate(shape)]
+def _starts(operands) -> list[int]:
+  """Where each operand's block indices start in the block table (and end)."""
+  widths = [len(op.mapping.index_map_jaxpr.jaxpr.outvars) for op in operands]
+  return [0, *np.cumsum(widths).tolist()]
+
+
+def _padded_blocks(xp, blocks, starts, outputs):
+  """[num_steps, len(outputs), max ndim] block indices of ``outputs``.
+
+  Outputs of fewer dimensions are padded with zeros (a block index that
+  never changes and is in bounds), so that one op serves all outputs.
+  """
+  width = max(starts[k + 1] - starts[k] for k in outputs)
+  zero = blocks.shape[1]
+  cols = np.asarray([list(range(starts[k], starts[k + 1]))
+                     + [zero] * (width - starts[k + 1] + starts[k])
+                     for k in outputs], np.int32).reshape(len(outputs), width)
+  with_zero = xp.concatenate(
+      [blocks, xp.zeros((blocks.shape[0], 1), np.int32)], axis=1)
+  return with_zero[:, cols]
+
+
+def _check_table(ctx, state, operands, blocks, starts, outputs, padded,
+                 writes, check_revisits, xp):
+  """Records (or, for a constant table, raises) the first failing check.
+
+  Every check of the table is a column of one boolean matrix with a row per
+  step, in report order: each operand's block indices against their limits,
+  then each output's revisit flag. Its first True in row-major order is the
+  earliest failing step's first listed check (the one a tie goes to, as in
+  the error word): at run time one reduction finds it for all the checks,
+  and one record reports it.
+
+  Args:
+    blocks: [num_steps, all operands' block dims] every block index.
+    starts: where each operand's columns of ``blocks`` start (and end).
+    outputs: the output positions with a block mapping, in order.
+    padded: their block indices (``_padded_blocks``), or None.
+    writes: [num_steps, len(outputs)] the write-back flags, or None.
+  """
+  bounded = [k for k, op in enumerate(operands)
+             if ctx.check_bounds and op.block_id is not None
+             and starts[k + 1] > starts[k]]
+  revisited = [i for i, k in enumerate(outputs) if check_revisits
+               and revisit_grid(operands[k]) is not None]
+  if not bounded and not revisited:
+    return state
+  if xp is jnp and checks.ERROR_ID not in state.buffers:
+    return state
+  # Per column of the matrix: its message and the block table columns it
+  # reports (the block indices of its operand).
+  reports, parts = [], []
+  if bounded:
+    lo = np.full(starts[-1], np.iinfo(np.int32).min, np.int32)
+    hi = np.full(starts[-1], np.iinfo(np.int32).max, np.int32)
+    for k, op in enumerate(operands):
+      cols = list(range(starts[k], starts[k + 1]))
+      if k in bounded:
+        lo[cols] = 0
+        hi[cols] = np.asarray(block_limits(op)) - 1
+      reports.extend([(_block_index_template(op), cols)] * len(cols))
+    parts.append((blocks < lo) | (blocks > hi))
+  if revisited:
+    parts.append(_revisits(xp, operands, outputs, padded, writes,
+                           revisited))
+    reports.extend((_revisit_template(operands[outputs[i]]),
+                    list(range(starts[outputs[i]], starts[outputs[i] + 1])))
+                   for i in revisited)
+  bad = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
+  num_checks = bad.shape[1]
+  if xp is np:
+    failing = np.flatnonzero(bad)
+    if failing.size:
+      step, col = divmod(int(failing[0]), num_checks)
+      template, cols = reports[col]
+      checks.raise_static(ctx.sites, template, list(blocks[step, cols]), step)
+    return state
+  # A message is registered once, for all its columns.
+  site_of = {}
+  for template, _ in reports:
+    if template not in site_of:
+      site_of[template] = ctx.sites.add(template)
+  num_values = max(len(cols) for _, cols in reports)
+  # Columns of the reported values, padded with the report's first column
+  # (the template does not read the padding).
+  value_cols = np.asarray(
+      [[cols[min(j, len(cols) - 1)] if cols else 0
+        for j in range(num_values)] for _, cols in reports], np.int32)
+  size = bad.size
+  first = lax.reduce_min(
+      lax.select(bad.reshape(-1), lax.iota(jnp.int32, size),
+                 lax.full((size,), size, jnp.int32)), (0,))
+  col = lax.rem(first, np.int32(num_checks))
+  step = lax.div(first, np.int32(num_checks))
+  site = lax.dynamic_index_in_dim(
+      np.asarray([site_of[t] for t, _ in reports], np.int32), col,
+      keepdims=False)
+  values = []
+  if num_values:
+    row = lax.dynamic_index_in_dim(blocks, step, keepdims=False)
+    picked = _gather(row, lax.dynamic_index_in_dim(value_cols, col,
+                                                   keepdims=False))
+    values = [lax.index_in_dim(picked, j, keepdims=False)
+              for j in range(num_values)]
+  state = checks.add_records(state, [checks.Record(
+      site, step, tuple(values), first < size)])
+  return checks.flush(state)
+
+
+def _gather(vector, positions):
+  """``vector[positions]`` for in-bounds int32 ``positions``."""
+  return lax.gather(
+      vector, positions[:, None],
+      lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
+                                 start_index_map=(0,)),
+      slice_sizes=(1,), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _revisits(xp, operands, outputs, padded, writes, revisited):
+  """[num_steps, len(revisited)] bool: this write-back's block was before.
+
+  ``revisited`` are positions in ``outputs`` (and in the second axis of
+  ``padded`` and ``writes``). Their blocks are numbered in one key space
+  (each output's blocks after the previous output's), so that one
+  scatter-min (or one sort) finds every output's first write-back of each
+  block.
+  """
+  chosen = [outputs[i] for i in revisited]
+  if len(chosen) < len(outputs):
+    padded = padded[:, np.asarray(revisited)]
+    writes = writes[:, np.asarray(revisited)]
+  width = padded.shape[2]
+  # Per output and dimension: the number of blocks and the key's stride
+  # (padding: one block, stride 0).
+  counts = np.ones((len(chosen), width), np.int32)
+  strides = np.zeros((len(chosen), width), np.int32)
+  bases, base = [], 0
+  for i, k in enumerate(chosen):
+    shape = revisit_grid(operands[k])
+    counts[i, :len(shape)] = shape
+    strides[i, :len(shape)] = [math.prod(shape[d + 1:])
+                               for d in range(len(shape))]
+    bases.append(base)
+    base += math.prod(shape)
   # A block outside the array (reported as such, or not checked) is no
   # visit of the edge block its index clips to.
-  for d, n in enumerate(shape):
-    write = write & (t[:, d] >= 0) & (t[:, d] < n)
-  key = xp.zeros(t.shape[0], np.int32)
-  for c, n in zip(clipped, shape, strict=True):
-    key = key * n + c
-  num_blocks = math.prod(shape)
-  if xp is jnp and num_blocks <= _MAX_SCATTER_BLOCKS:
-    # At run time a scatter-min (each block's first write-back step) and a
-    # gather are far cheaper to compile than a sort.
-    steps = jnp.arange(t.shape[0], dtype=jnp.int32)
-    first = jnp.full((num_blocks,), t.shape[0], jnp.int32).at[key].min(
-        jnp.where(write, steps, t.shape[0]))
-    return write & (first[key] != steps)
-  # Steps that write nothing get distinct keys that no block has.
-  key = xp.where(write, key, -1 - xp.arange(t.shape[0], dtype=np.int32))
+  inside = xp.all((padded >= 0) & (padded < counts), axis=2)
+  write = writes & inside
+  key = (xp.sum(xp.clip(padded, 0, counts - 1) * strides, axis=2)
+         + np.asarray(bases, np.int32)).astype(np.int32)
+  # Step-major: a flat position's order is its step's order.
+  shape = key.shape
+  key, write = key.reshape(-1), write.reshape(-1)
+  size = key.shape[0]
+  if xp is jnp and base <= _MAX_SCATTER_BLOCKS:
+    # At run time a scatter-min (each block's first write-back position) and
+    # a gather are far cheaper to compile than a sort.
+    positions = lax.iota(jnp.int32, size)
+    first = lax.scatter_min(
+        lax.full((base,), size, jnp.int32), key[:, None],
+        lax.select(write, positions, lax.full((size,), size, jnp.int32)),
+        lax.ScatterDimensionNumbers(update_window_dims=(),
+                                    inserted_window_dims=(0,),
+                                    scatter_dims_to_operand_dims=(0,)),
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return (write & (_gather(first, key) != positions)).reshape(shape)
+  # Positions that write nothing get distinct keys that no block has.
+  key = xp.where(write, key, -1 - xp.arange(size, dtype=np.int32))
   order = (np.argsort(key, kind="stable") if xp is np
            else jnp.argsort(key, stable=True))
   ordered = key[order]
   repeat = xp.concatenate([xp.zeros((1,), bool), ordered[1:] == ordered[:-1]])
-  bad = xp.zeros(t.shape[0], bool)
   if xp is np:
+    bad = np.zeros(size, bool)
     bad[order] = repeat
-    return bad
-  return bad.at[order].set(repeat)
-
-
-def _report(ctx, state, failures, xp):
-  """Records, for each (bad, template, values), the first step ``bad`` holds.
-
-  With constant tables the earliest failure raises now; on a tie the one
-  listed first wins, as the error word does at run time.
-  """
-  if xp is np:
-    found = [(int(np.argmax(bad)), k) for k, (bad, _, _) in
-             enumerate(failures) if bad.any()]
-    if found:
-      step, k = min(found)
-      _, template, values = failures[k]
-      checks.raise_static(ctx.sites, template, list(values[step]), step)
-    return state
-  if not failures:
-    return state
-  # A pending run orders records by position, not by step: so only the
-  # failures at the earliest failing step are recorded, and one flush folds
-  # them (the first listed wins a tie, as above).
-  never = jnp.int32(np.iinfo(np.int32).max)
-  firsts = [jnp.where(jnp.any(bad), jnp.argmax(bad).astype(jnp.int32), never)
-            for bad, _, _ in failures]
-  earliest = firsts[0]
-  for first in firsts[1:]:
-    earliest = jnp.minimum(earliest, first)
-  for (_, template, values), first in zip(failures, firsts, strict=True):
-    row = lax.dynamic_index_in_dim(values, first, keepdims=False)
-    state = checks.record(state, ctx.sites, first,
-                          (first == earliest) & (first != never), template,
-                          [row[i] for i in range(values.shape[1])])
-  return checks.flush(state)
+    return bad.reshape(shape)
+  return jnp.zeros(size, bool).at[order].set(repeat).reshape(shape)
 
 
 class _NotNumpy(Exception):
@@ -543,23 +651,24 @@ def _numpy_eval(jaxpr, consts, args):
 
 
 def _numpy_tables(operands, coords):
-  """The block index tables of ref-free index maps, computed with NumPy."""
+  """The block table of ref-free index maps, computed with NumPy."""
   n = coords.shape[0]
   columns = [coords[:, d] for d in range(coords.shape[1])]
-  tables = []
+  outs = []
   for op in operands:
     closed = op.mapping.index_map_jaxpr
     # Scalar-prefetch refs follow the coordinates; these maps never read them.
     unused = [None] * (len(closed.jaxpr.invars) - len(columns))
-    outs = _numpy_eval(closed.jaxpr, closed.consts, columns + unused)
-    tables.append(np.stack([np.broadcast_to(o, (n,)).astype(np.int32)
-                            for o in outs], axis=1) if outs
-                  else np.zeros((n, 0), np.int32))
-  return tables
+    outs.extend(_numpy_eval(closed.jaxpr, closed.consts, columns + unused))
+  return (np.stack([np.broadcast_to(o, (n,)).astype(np.int32) for o in outs],
+                   axis=1) if outs else np.zeros((n, 0), np.int32))
 
 
-def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
-  """Every operand's block indices at every step: [num_steps, ndim] each."""
+def _eval_all(ctx, state, operands, grid, steps, coords, scalar_handles):
+  """Every block index at every step: [num_steps, all operands' block dims].
+
+  The columns of each operand follow those of the one before (``_starts``).
+  """
   # Index maps see only the scalar-prefetch buffers and a fresh error word,
   # so maps that read no ref give concrete tables.
   buffers = {h.buffer_id: state.read(h.buffer_id) for h in scalar_handles}
@@ -570,18 +679,24 @@ def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
     local = KernelState(
         {**buffers, **({checks.ERROR_ID: checks.initial_word()}
                        if checked else {})})
-    here = dataclasses.replace(ctx, grid_step=step)
-    coords_here = [row[d] for d in range(row.shape[0])]
+    coords_here = [lax.index_in_dim(row, d, keepdims=False)
+                   for d in range(row.shape[0])]
+    # The coordinates are the program ids of the step: SMEM reads at them
+    # need no check where the table spans the grid (checks.record_bounds).
+    here = dataclasses.replace(ctx, grid_step=step,
+                               program_ids=tuple(coords_here),
+                               num_programs=tuple(grid))
     outs = []
     for op in operands:
       local, out = eval_index_map(here, local, op, coords_here,
                                   scalar_handles)
-      outs.append(jnp.stack([jnp.asarray(o, jnp.int32) for o in out])
-                  if out else jnp.zeros((0,), jnp.int32))
-    return outs, checks.flush(local).buffers.get(checks.ERROR_ID)
+      outs.extend(out)
+    table = (jnp.stack([jnp.asarray(o, jnp.int32) for o in outs]) if outs
+             else jnp.zeros((0,), jnp.int32))
+    return table, checks.flush(local).buffers.get(checks.ERROR_ID)
 
   if any(_reads_refs(op) for op in operands):
-    tables, words = jax.vmap(one)(jnp.asarray(steps), jnp.asarray(coords))
+    table, words = jax.vmap(one)(jnp.asarray(steps), jnp.asarray(coords))
   else:
     try:
       return _numpy_tables(operands, coords), state
@@ -591,8 +706,8 @@ def _eval_all(ctx, state, operands, steps, coords, scalar_handles):
     # a shard_map body the manual mesh would be given to the eager arrays.
     with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(
         jax.sharding.AbstractMesh((), ())):
-      tables, words = jax.vmap(one)(np.asarray(steps), np.asarray(coords))
-    tables = [np.asarray(t) for t in tables]
+      table, words = jax.vmap(one)(np.asarray(steps), np.asarray(coords))
+    table = np.asarray(table)
   if checked and ctx.sites and len(ctx.sites.templates) > num_sites:
     state = checks.merge_first(state, words)
-  return tables, state
+  return table, state

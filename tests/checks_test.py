@@ -870,6 +870,25 @@ class LoweredProgramTest(parameterized.TestCase):
         _i32(1), X).as_text()
     self.assertNotIn("callback", text)
 
+  @parameterized.named_parameters(("fits", 2, False), ("too_short", 1, True))
+  def test_smem_read_at_program_id_checked_only_if_it_can_fail(
+      self, smem_size, expect_callback):
+    # A program id lies in [0, grid size): a table of the grid's size
+    # indexed by it needs no run-time check, a shorter one does.
+    def kernel(s_ref, x_ref, o_ref):
+      o_ref[...] = x_ref[pl.ds(0, 8), :] + s_ref[pl.program_id(0)]
+
+    call = _rows_call(kernel, FI())
+    s = jnp.arange(smem_size, dtype=jnp.int32)
+    self.assertEqual("callback" in jax.jit(call).lower(s, X).as_text(),
+                     expect_callback)
+    if expect_callback:
+      with self.assertRaisesRegex(Exception, OOB + r".*grid step 1"):
+        jax.block_until_ready(call(s, X))
+    else:
+      np.testing.assert_array_equal(
+          call(s, X), jnp.concatenate([X[:8], X[:8] + 1]))
+
 
 
 class MultiCoreChecksTest(chex.TestCase):

@@ -185,6 +185,21 @@ class RunTimeTableTest(chex.TestCase):
     self.assertEqual(out.shape, (24, LANES))
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_index_map_smem_read_at_coordinate_out_of_bounds(self):
+    # s[i] over a grid of 3 with s of 2 entries: past the end at step 2
+    # (reads at a coordinate go unchecked only where s spans the grid).
+    call = self.variant(_prefetch_call(
+        24, (3,), FI(), in_map=lambda i, s: (s[i], 0),
+        out_map=lambda i, s: (i, 0)))
+    with self.assertRaisesRegex(
+        Exception, OOB + r": load of scalar_prefetch\[0\] at index \[2\].*"
+        r"grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1), X))
+    np.testing.assert_array_equal(
+        call(_i32(2, 0, 1), X),
+        _pipeline_reference(X, (2, 0, 1), (0, 1, 2), 24))
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_kernel_error_at_an_earlier_step_wins(self):
     # Step 0 loads out of bounds in the body; the index map fails at step 1.
     def kernel(s_ref, x_ref, o_ref):
@@ -204,6 +219,115 @@ class RunTimeTableTest(chex.TestCase):
     out = call(_i32(0, 1, 3, 8), X)
     np.testing.assert_array_equal(
         out, jnp.concatenate([X[3:11], X[24:32]]))
+
+
+def _two_output_call(steps, params):
+  """One input and two outputs (2-D and 3-D blocks), all from prefetch.
+
+  Step i reads input block s[i], and writes back output blocks
+  (s[steps + i], 0) and (s[2 * steps + i], s[3 * steps + i], 0).
+  """
+  def kernel(s_ref, x_ref, o1_ref, o2_ref):
+    del s_ref
+    o1_ref[...] = x_ref[...] + 1.0
+    o2_ref[...] = x_ref[...][None] + 2.0
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(steps,),
+      in_specs=[pl.BlockSpec((8, LANES), lambda i, s: (s[i], 0))],
+      out_specs=[
+          pl.BlockSpec((8, LANES), lambda i, s: (s[steps + i], 0)),
+          pl.BlockSpec((1, 8, LANES),
+                       lambda i, s: (s[2 * steps + i], s[3 * steps + i], 0)),
+      ])
+  return pl.pallas_call(
+      kernel, out_shape=[jax.ShapeDtypeStruct((16, LANES), jnp.float32),
+                         jax.ShapeDtypeStruct((2, 16, LANES), jnp.float32)],
+      grid_spec=grid_spec, interpret=params)
+
+
+def _first_table_error(s, steps):
+  """The error the schedule checks report, computed step by step."""
+  blocks = [[(s[i], 0) for i in range(steps)],
+            [(s[steps + i], 0) for i in range(steps)],
+            [(s[2 * steps + i], s[3 * steps + i], 0) for i in range(steps)]]
+  limits = [(4, 1), (2, 1), (2, 2, 1)]
+  written = [set(), set()]
+  for i in range(steps):
+    # Bounds of every operand first, then revisits of every output.
+    for b, lim in zip(blocks, limits, strict=True):
+      if any(not 0 <= v < n for v, n in zip(b[i], lim, strict=True)):
+        return OOB, b[i], i
+    for k, (b, lim) in enumerate(zip(blocks[1:], limits[1:], strict=True)):
+      if i + 1 < steps and b[i + 1] == b[i]:
+        continue  # Not written back at this step.
+      if b[i] in written[k]:
+        return REVISIT, b[i], i
+      written[k].add(b[i])
+  return None
+
+
+class RunTimeTableReportTest(chex.TestCase):
+  """All checks of a run-time table: the earliest step's first check wins."""
+
+  @chex.variants(with_jit=True)
+  def test_reports_match_sequential_checks(self):
+    steps = 4
+    call = self.variant(_two_output_call(steps, FI()))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(24):
+      # In bounds, but for one index past its limit one time in three.
+      limits = np.repeat([4, 2, 2, 2], steps)
+      s = rng.integers(0, limits)
+      if rng.integers(3) == 0:
+        at = rng.integers(s.size)
+        s[at] = limits[at]
+      s = [int(v) for v in s]
+      want = _first_table_error(s, steps)
+      if want is None:
+        outs = call(_i32(*s), X[:32])
+        jax.block_until_ready(outs)
+        seen.add(None)
+        continue
+      prefix, block, step = want
+      seen.add(prefix)
+      where = ", ".join(str(v) for v in block[:-1])
+      with self.assertRaisesRegex(
+          Exception, prefix + r".*block \[" + where + r", 0\].*"
+          r"grid step " + str(step) + r"\)"):
+        jax.block_until_ready(call(_i32(*s), X[:32]))
+    # The draws cover every outcome.
+    self.assertEqual(seen, {None, OOB, REVISIT})
+
+  @chex.variants(with_jit=True)
+  def test_element_output_not_revisit_checked_the_other_is(self):
+    # Output 0 (an Element row offset s[i] * 8) is not revisit-checked;
+    # output 1 (block s[3 + i]) is, in the same table.
+    def kernel(s_ref, x_ref, o1_ref, o2_ref):
+      del s_ref
+      o1_ref[...] = x_ref[...] + 1.0
+      o2_ref[...] = x_ref[...] + 2.0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(3,),
+        in_specs=[pl.BlockSpec((8, LANES), lambda i, s: (i, 0))],
+        out_specs=[
+            pl.BlockSpec((pl.Element(8), LANES), lambda i, s: (s[i] * 8, 0)),
+            pl.BlockSpec((8, LANES), lambda i, s: (s[3 + i], 0))])
+    call = self.variant(pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((16, LANES), jnp.float32)] * 2,
+        grid_spec=grid_spec, interpret=FI()))
+    out1, out2 = call(_i32(0, 1, 0, 0, 1, 1), X)
+    np.testing.assert_array_equal(
+        out1, _pipeline_reference(X, (0, 1, 2), (0, 1, 0), 16))
+    np.testing.assert_array_equal(
+        out2, _pipeline_reference(X, (0, 1, 2), (0, 1, 1), 16) + 1.0)
+    with self.assertRaisesRegex(
+        Exception, REVISIT + r": block \[0, 0\] of outputs\[1\].*"
+        r"grid step 2\)"):
+      jax.block_until_ready(call(_i32(0, 1, 1, 0, 1, 0), X))
 
 
 class NumpyIndexMapTest(parameterized.TestCase):
