@@ -390,10 +390,13 @@ def record_bounds(ctx, state, report, name: str, what: str):
 
   Each entry is ``(ranges, starts, shape)``: per dimension ``(value, lo,
   hi)`` ranges that must hold, and the starts reported on failure. A range
-  of a program id that spans its whole grid axis cannot fail: it is dropped.
+  that ``ctx.ranges`` shows to hold on every execution is no check at all
+  (see ranges.py).
   """
   for ranges, starts, shape in report or ():
-    ranges = [r for r in ranges if not _program_id_within(ctx, *r)]
+    if ctx.ranges is not None:
+      ranges = [(v, lo, hi) for v, lo, hi in ranges
+                if not ctx.ranges.within(v, lo, hi)]
     starts = list(starts)[:_NUM_VALUES]
     where = placeholders(len(starts))
     template = (f"out of bounds: {what} of {name} at index [{where}] (the "
@@ -402,18 +405,3 @@ def record_bounds(ctx, state, report, name: str, what: str):
                            starts)
   return state
 
-
-def _program_id_within(ctx, value, lo: int, hi: int) -> bool:
-  """Whether ``value`` is a program id whose whole axis lies in [lo, hi].
-
-  A program id of a static grid axis of size n lies in [0, n - 1] at every
-  step, so a check of it against wider limits (an SMEM table indexed by the
-  program id) cannot fail: it is dropped while tracing rather than costing
-  a compare and its select chains at run time.
-  """
-  if len(ctx.program_ids) != len(ctx.num_programs):
-    return False
-  for pid, size in zip(ctx.program_ids, ctx.num_programs, strict=True):
-    if value is pid:
-      return isinstance(size, (int, np.integer)) and lo <= 0 and size - 1 <= hi
-  return False

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from fast_interpret import _jax
 from fast_interpret import checks
@@ -38,6 +39,7 @@ from fast_interpret import errors
 from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret import outbox
+from fast_interpret import ranges
 from fast_interpret import remote
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import (KernelState, RefHandle, scoped_memory_space,
@@ -109,6 +111,17 @@ def _no_remat(ctx: RuleContext) -> RuleContext:
   return dataclasses.replace(ctx, remat={}) if ctx.remat else ctx
 
 
+def _taken(ctx: RuleContext, index, k: int, num_branches: int
+           ) -> RuleContext:
+  """``ctx`` for branch ``k`` of a conditional on ``index``: ranges there
+  hold where the branch is taken (see ranges.py)."""
+  if ctx.ranges is None:
+    return ctx
+  scope = ctx.ranges.child()
+  ranges.branch_taken(scope, index, k, num_branches)
+  return dataclasses.replace(ctx, ranges=scope)
+
+
 def _and(active, pred):
   return pred if active is None else active & pred
 
@@ -144,10 +157,11 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   inner = dataclasses.replace(state, deferred=None)
   carried = set().union(*(_written(ctx, inner, b, ops) for b in branches))
 
-  def make_branch(closed, k=None, layout=None, kept=None):
+  def make_branch(closed, k, layout=None, kept=None):
     def branch(buffers):
       sends = [] if hoist else None
-      branch_ctx, branch_ops = _rematerialised(ctx, ops)
+      branch_ctx, branch_ops = _rematerialised(
+          _taken(ctx, index, k, len(branches)), ops)
       st, outs = _run(branch_ctx, inner.with_buffers(buffers), closed,
                       branch_ops, carried, "a cond branch", keep_sends=sends)
       if not hoist:
@@ -159,24 +173,25 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
       return st.subset(carried), outs, outbox.slots_of(layout, k, sends)
     return branch
 
-  index = jnp.asarray(index, jnp.int32)
   if not hoist:
-    buffers, outs = lax.switch(index, [make_branch(b) for b in branches],
-                               inner.subset(carried))
+    buffers, outs = lax.switch(
+        jnp.asarray(index, jnp.int32),
+        [make_branch(b, k) for k, b in enumerate(branches)],
+        inner.subset(carried))
     return state.with_buffers(buffers), outs
   # Remote ops still waiting at the end of a branch leave the switch as
   # outputs (zeros and a False valid flag from the other branches), so that
   # they can go in one exchange with what comes after. Every device takes
   # the same branch here. The branches are traced once to learn the layout.
   shapes = []
-  for b in branches:
+  for k, b in enumerate(branches):
     kept = []
-    jax.eval_shape(make_branch(b, kept=kept), inner.subset(carried))
+    jax.eval_shape(make_branch(b, k, kept=kept), inner.subset(carried))
     shapes.append(kept)
   layout = outbox.slot_layout(shapes)
   kept = [[] for _ in branches]
   buffers, outs, slots = lax.switch(
-      index, [make_branch(b, k, layout, kept[k])
+      jnp.asarray(index, jnp.int32), [make_branch(b, k, layout, kept[k])
               for k, b in enumerate(branches)], inner.subset(carried))
   for send in outbox.sends_of(layout, kept, slots):
     ctx.outbox.append(send)
@@ -190,13 +205,17 @@ def _predicated_cond(ctx: RuleContext, state: KernelState, index, ops,
   Waits are deferred to the end of the grid step (``defer_waits`` None:
   where the step collects them), as another device's branch may signal.
   """
+  taken = index
   index = jnp.asarray(index, jnp.int32)
   every = set(state.buffers)
   if defer_waits is None:
     defer_waits = ctx.pending_waits is not None
   branch_outs = []
   for k, closed in enumerate(branches):
-    sub = dataclasses.replace(ctx, active=_and(ctx.active, index == k),
+    # The branch's checks are gated by ``active``: they can fail only where
+    # it was taken, so its ranges may assume so.
+    sub = dataclasses.replace(_taken(ctx, taken, k, len(branches)),
+                              active=_and(ctx.active, index == k),
                               defer_waits=defer_waits)
     state, outs = _run(sub, state, closed, ops, every, "a cond branch")
     branch_outs.append(outs)
@@ -322,10 +341,16 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
   if length > 1:
     ctx = dataclasses.replace(ctx, in_loop=True)
   ctx = _no_remat(ctx)
+  counters = _counters(ctx, jaxpr.jaxpr, num_consts, init, length)
 
   def body_fn(carry, x):
     buffers, vals = carry
-    st, outs = _run(ctx, state.with_buffers(buffers), jaxpr,
+    body_ctx = ctx
+    if counters:
+      body_ctx = dataclasses.replace(ctx, ranges=ctx.ranges.child())
+      for k, (lo, hi) in counters.items():
+        body_ctx.ranges.set(vals[k], lo, hi)
+    st, outs = _run(body_ctx, state.with_buffers(buffers), jaxpr,
                     [*consts, *vals, *x], carried, "a loop body")
     return (st.subset(carried), list(outs[:num_carry])), list(
         outs[num_carry:])
@@ -334,6 +359,39 @@ def _scan_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr,
       body_fn, (state.subset(carried), list(init)), list(xs), length=length,
       reverse=reverse, unroll=unroll)
   return state.with_buffers(buffers), [*carry, *ys]
+
+
+def _counters(ctx: RuleContext, jaxpr: _jax.Jaxpr, num_consts: int, init,
+              length: int) -> dict[int, tuple[int, int]]:
+  """Ranges of the loop counters among a scan's carries, by carry position.
+
+  A counter is a carry the body returns plus 1 (a ``fori_loop`` with static
+  bounds is such a scan): from an ``init`` in ``[lo, hi]``, it stays in
+  ``[lo, hi + length - 1]`` inside the body.
+  """
+  if ctx.ranges is None:
+    return {}
+  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+  found = {}
+  for k, start in enumerate(init):
+    var = jaxpr.invars[num_consts + k]
+    eqn = producers.get(jaxpr.outvars[k])
+    if eqn is None or eqn.primitive is not lax.add_p:
+      continue
+    a, b = eqn.invars
+    if isinstance(a, _jax.Literal):
+      a, b = b, a
+    if a is not var or not isinstance(b, _jax.Literal) or not (
+        _is_one(b.val)):
+      continue
+    span = ranges.counter_range(ctx.ranges, start, length)
+    if span is not None and span[1] <= np.iinfo(var.aval.dtype).max:
+      found[k] = span
+  return found
+
+
+def _is_one(x) -> bool:
+  return getattr(x, "shape", ()) == () and int(x) == 1
 
 
 @register_rule(_jax.jit_p, predicated=True)

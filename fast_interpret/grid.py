@@ -39,6 +39,7 @@ from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import inflight
 from fast_interpret import interpreter
+from fast_interpret import ranges
 from fast_interpret import remote
 from fast_interpret import schedule
 from fast_interpret import vectorize
@@ -402,6 +403,7 @@ def interpret_pallas_call(
       num_programs=tuple(grid[d] for d in visible), grid_names=gm.grid_names,
       opaque_true=fences.opaque_true(*scalars, *inputs), sites=sites,
       check_bounds=check_bounds, check_semaphores=check_semaphores,
+      ranges=ranges.Ranges() if check_bounds else None,
       wait_code_bits=dma_rules.wait_code_bits(num_steps),
       mesh=device_mesh, in_flight=in_flight,
       in_loop=not (isinstance(num_steps, int) and num_steps == 1))

@@ -35,6 +35,7 @@ from fast_interpret import constants
 from fast_interpret import errors
 from fast_interpret import fences
 from fast_interpret import outbox
+from fast_interpret import ranges
 from fast_interpret.state import (BufferIds, KernelState, RefHandle,
                                   is_semaphore_aval)
 
@@ -139,6 +140,7 @@ class RuleContext:
   in_loop: bool = False
   remat: Mapping[int, tuple[Any, Any]] = dataclasses.field(
       default_factory=dict)
+  ranges: ranges.Ranges | None = None
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -214,6 +216,8 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
     state, outvals = eval_eqn(ctx, state, eqn, invals)
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
+    if ctx.ranges is not None and eqn.primitive in ranges.INFERRED:
+      ranges.infer(ctx.ranges, eqn, invals, outvals[0])
     if eqn.primitive in constants.FOLDABLE:
       value = constants.fold(eqn, known)
       if value is not None:

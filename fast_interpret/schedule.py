@@ -681,11 +681,13 @@ def _eval_all(ctx, state, operands, grid, steps, coords, scalar_handles):
                        if checked else {})})
     coords_here = [lax.index_in_dim(row, d, keepdims=False)
                    for d in range(row.shape[0])]
-    # The coordinates are the program ids of the step: SMEM reads at them
-    # need no check where the table spans the grid (checks.record_bounds).
-    here = dataclasses.replace(ctx, grid_step=step,
-                               program_ids=tuple(coords_here),
-                               num_programs=tuple(grid))
+    # Each coordinate lies in its grid axis at every step: SMEM reads at it
+    # need no check where the table spans the axis (ranges.py).
+    scope = None if ctx.ranges is None else ctx.ranges.child()
+    for c, n in zip(coords_here, grid, strict=True):
+      if scope is not None and isinstance(n, (int, np.integer)):
+        scope.set(c, 0, int(n) - 1)
+    here = dataclasses.replace(ctx, grid_step=step, ranges=scope)
     outs = []
     for op in operands:
       local, out = eval_index_map(here, local, op, coords_here,
