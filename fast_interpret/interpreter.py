@@ -172,6 +172,28 @@ def is_pure(eqn: _jax.JaxprEqn) -> bool:
   return not any(isinstance(v.aval, _jax.AbstractRef) for v in eqn.invars)
 
 
+@functools.lru_cache(maxsize=4096)
+def only_binds(jaxpr: _jax.Jaxpr) -> bool:
+  """Whether evaluating ``jaxpr`` would do nothing but bind its equations.
+
+  True when every equation is pure and has no rule, nested ``jax.jit``s
+  included, and no jaxpr in it is large enough to be fenced (fences.py).
+  Such a jaxpr, called by a nested ``jax.jit``, can be bound as one call
+  rather than walked (control_rules).
+  """
+  if len(jaxpr.eqns) > fences.MIN_FENCED_EQNS:
+    return False
+  for eqn in jaxpr.eqns:
+    if not is_pure(eqn):
+      return False
+    if eqn.primitive is _jax.jit_p:
+      if not only_binds(eqn.params["jaxpr"].jaxpr):
+        return False
+    elif eqn.primitive in _RULES:
+      return False
+  return True
+
+
 def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
                consts: Sequence[Any], args: Sequence[Any],
                keep_sends: list | None = None,
@@ -265,7 +287,15 @@ def eval_eqn(ctx: RuleContext, state: KernelState, eqn: _jax.JaxprEqn,
 
 
 def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:
-  """Binds a pure equation's primitive with its own parameters."""
+  """Binds a pure equation's primitive with its own parameters.
+
+  Recorded as is where the operands are traced values of the equation's own
+  types (``_jax.stage_as_is``): most equations of a kernel, and a third of
+  the cost of binding them.
+  """
+  outs = _jax.stage_as_is(eqn, invals)
+  if outs is not None:
+    return outs if eqn.primitive.multiple_results else outs[0]
   return eqn.primitive.bind(*invals,
                             **eqn.primitive.get_bind_params(eqn.params))
 
