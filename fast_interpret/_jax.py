@@ -159,13 +159,21 @@ def pallas_primitive_set() -> frozenset[Primitive]:
 
 
 def uses_primitives(jaxpr: Jaxpr, prims) -> bool:
-  """Whether ``jaxpr`` or any jaxpr nested in it binds one of ``prims``."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive in prims:
-      return True
-    for sub in core.jaxprs_in_params(eqn.params):
-      if uses_primitives(sub, prims):
+  """Whether ``jaxpr`` or any jaxpr nested in it binds one of ``prims``.
+
+  A nested jaxpr is looked at once, however many equations call it (an
+  unrolled kernel calls the same few helpers hundreds of times).
+  """
+  seen = {jaxpr}
+  todo = [jaxpr]
+  while todo:
+    for eqn in todo.pop().eqns:
+      if eqn.primitive in prims:
         return True
+      for sub in core.jaxprs_in_params(eqn.params):
+        if sub not in seen:
+          seen.add(sub)
+          todo.append(sub)
   return False
 
 

@@ -269,18 +269,18 @@ def eval_eqn(ctx: RuleContext, state: KernelState, eqn: _jax.JaxprEqn,
              invals: Sequence[Any]) -> tuple[KernelState, list[Any]]:
   """Simulates one equation; returns the new state and its output list."""
   rule = _RULES.get(eqn.primitive)
-  with _jax.user_context(eqn.source_info.traceback,
-                         name_stack=eqn.source_info.name_stack):
-    if rule is not None:
+  if rule is None and is_pure(eqn):
+    outvals = bind_pure(eqn, invals)
+  else:
+    with _jax.user_context(eqn.source_info.traceback,
+                           name_stack=eqn.source_info.name_stack):
+      if rule is None:
+        raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
       before = state
       state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
                             *invals, **eqn.params)
       if eqn.primitive not in _PREDICATED:
         state = mask_inactive(ctx, before, state)
-    elif is_pure(eqn):
-      outvals = bind_pure(eqn, invals)
-    else:
-      raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
   if not eqn.primitive.multiple_results:
     outvals = [outvals]
   return state, outvals
@@ -296,8 +296,10 @@ def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:
   outs = _jax.stage_as_is(eqn, invals)
   if outs is not None:
     return outs if eqn.primitive.multiple_results else outs[0]
-  return eqn.primitive.bind(*invals,
-                            **eqn.primitive.get_bind_params(eqn.params))
+  with _jax.user_context(eqn.source_info.traceback,
+                         name_stack=eqn.source_info.name_stack):
+    return eqn.primitive.bind(*invals,
+                              **eqn.primitive.get_bind_params(eqn.params))
 
 
 # --- Which buffers does a jaxpr write? -------------------------------------
