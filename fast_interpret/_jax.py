@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jax._src import api_util
 from jax._src import config
 from jax._src import checkify
 from jax._src import core
 from jax._src import debugging
 from jax._src import dtypes
 from jax._src import effects
+from jax._src import linear_util
 from jax._src import pjit
 from jax._src import sharding_impls
 from jax._src.random import prng
@@ -352,6 +354,18 @@ def inline_call(eqn: JaxprEqn, closed: ClosedJaxpr, invals
     return None
   return partial_eval.inline_jaxpr_into_trace(trace, src, closed.jaxpr,
                                               closed.consts, *tracers)
+
+
+def trace_jaxpr(fn, avals) -> ClosedJaxpr:
+  """The jaxpr of ``fn`` (arrays in, a list of arrays out) on ``avals``.
+
+  ``jax.make_jaxpr`` without its pytree and caching layers, a few times
+  cheaper; for small helpers traced once and inlined many times.
+  """
+  wrapped = linear_util.wrap_init(
+      fn, debug_info=api_util.debug_info("fast_interpret", fn, avals, {}))
+  jaxpr, _, consts = partial_eval.trace_to_jaxpr_dynamic(wrapped, list(avals))
+  return ClosedJaxpr(jaxpr, consts)
 
 
 def inline_jaxpr(closed: ClosedJaxpr, args) -> list[Any]:

@@ -186,7 +186,7 @@ def _xor_permutation_jaxpr(aval, mask: int) -> _jax.ClosedJaxpr:
 
   An unrolled sorting network repeats a few masks at a hundred call sites.
   """
-  return jax.make_jaxpr(lambda x: _xor_permutation(x, mask))(aval)
+  return _jax.trace_jaxpr(lambda x: [_xor_permutation(x, mask)], [aval])
 
 
 @register_rule(lax.gather_p)
