@@ -308,6 +308,10 @@ def traced_origin(x):
     return "eqn", eqn.primitive, eqn.params, list(eqn.in_tracers), k
 
 
+_DynamicJaxprTrace = partial_eval.DynamicJaxprTrace
+_DynamicJaxprTracer = partial_eval.DynamicJaxprTracer
+
+
 def stage_as_is(eqn: JaxprEqn, invals) -> list[Any] | None:
   """Records the pure ``eqn`` on ``invals`` in the jaxpr being traced, as is.
 
@@ -405,10 +409,6 @@ def _operand_tracers(trace, atoms, invals, avals, src) -> list[Any] | None:
       x = trace.to_jaxpr_tracer(x, src)
     tracers.append(x)
   return tracers
-
-
-_DynamicJaxprTrace = partial_eval.DynamicJaxprTrace
-_DynamicJaxprTracer = partial_eval.DynamicJaxprTracer
 
 
 def bound_axis_names() -> frozenset:

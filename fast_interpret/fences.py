@@ -12,9 +12,10 @@ cross it and nothing behind it is recomputed. In a large jaxpr we fence, every
 24 to 48 equations (``FENCE_WINDOW``), the live arrays that have been
 computed by at least two equations since the last fence, choosing within
 that window the point where the fewest such arrays are live. Small jaxprs (every ordinary
-kernel) are left alone. A fence costs one conditional at run time; its two
-branch jaxprs are built once per signature of fenced values and bound
-directly, without tracing a ``lax.cond`` each time. Outside loops, values
+kernel) are left alone. A fence costs one conditional at run time. While
+tracing, a fence (packing, conditional, unpacking) is traced once per
+signature of fenced values and inlined at each fence that repeats it,
+rather than traced again each time. Outside loops, values
 of one shape and width pass a fence packed two by two into integers of
 twice the width, so that one fusion kernel computes both (``_pair``).
 """

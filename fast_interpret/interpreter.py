@@ -9,8 +9,10 @@ A rule simulates one primitive on the kernel state::
 
 ``invals`` hold a ``RefHandle`` wherever the equation takes a ref, and traced
 arrays elsewhere. Primitives without a rule that are pure (no ref operand, no
-effect, not a Pallas primitive) fall through to ``bind``. Anything else fails
-while tracing with an ``UnsupportedPrimitiveError`` that names the primitive.
+effect, not a Pallas primitive) fall through to ``bind`` (``bind_pure``: in
+a jaxpr trace, the equation is recorded as it is, without re-deriving its
+types). Anything else fails while tracing with an
+``UnsupportedPrimitiveError`` that names the primitive.
 
 Predication: inside a branch that holds remote ops (see control_rules), every
 device evaluates every branch, with ``RuleContext.active`` telling whether it
