@@ -10,13 +10,16 @@ Pinned to jax 0.10.2.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+from jax._src import api_util
 from jax._src import config
 from jax._src import checkify
 from jax._src import core
 from jax._src import debugging
 from jax._src import dtypes
 from jax._src import effects
+from jax._src import linear_util
 from jax._src import pjit
 from jax._src import sharding_impls
 from jax._src.random import prng
@@ -158,13 +161,21 @@ def pallas_primitive_set() -> frozenset[Primitive]:
 
 
 def uses_primitives(jaxpr: Jaxpr, prims) -> bool:
-  """Whether ``jaxpr`` or any jaxpr nested in it binds one of ``prims``."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive in prims:
-      return True
-    for sub in core.jaxprs_in_params(eqn.params):
-      if uses_primitives(sub, prims):
+  """Whether ``jaxpr`` or any jaxpr nested in it binds one of ``prims``.
+
+  A nested jaxpr is looked at once, however many equations call it (an
+  unrolled kernel calls the same few helpers hundreds of times).
+  """
+  seen = {jaxpr}
+  todo = [jaxpr]
+  while todo:
+    for eqn in todo.pop().eqns:
+      if eqn.primitive in prims:
         return True
+      for sub in core.jaxprs_in_params(eqn.params):
+        if sub not in seen:
+          seen.add(sub)
+          todo.append(sub)
   return False
 
 
@@ -295,6 +306,109 @@ def traced_origin(x):
       return None
     k = next(i for i, v in enumerate(eqn.outvars) if v is atom)
     return "eqn", eqn.primitive, eqn.params, list(eqn.in_tracers), k
+
+
+_DynamicJaxprTrace = partial_eval.DynamicJaxprTrace
+_DynamicJaxprTracer = partial_eval.DynamicJaxprTracer
+
+
+def stage_as_is(eqn: JaxprEqn, invals) -> list[Any] | None:
+  """Records the pure ``eqn`` on ``invals`` in the jaxpr being traced, as is.
+
+  What ``bind`` would record, without its per-call work (finding the trace,
+  the abstract evaluation, the parameter round trip): the equation keeps its
+  parameters and output types, as when JAX inlines a jaxpr into a trace
+  (``partial_eval.inline_jaxpr_into_trace``). Literal operands stay
+  literals. Returns the output tracers, or None where that would not be
+  what ``bind`` records: when no jaxpr is being traced here (under ``vmap``,
+  say), or an operand is not a traced value of the operand's exact type.
+  """
+  trace = core.trace_ctx.trace
+  if type(trace) is not _DynamicJaxprTrace:
+    return None
+  src = eqn.source_info
+  tracers = _operand_tracers(trace, eqn.invars, invals,
+                             [v.aval for v in eqn.invars], src)
+  if tracers is None:
+    return None
+  out_avals = [v.aval for v in eqn.outvars]
+  folded = partial_eval.try_constant_folding(eqn.primitive, tracers,
+                                             eqn.params, out_avals)
+  if folded is not None:
+    return [trace.new_const(c, source_info=src, aval=aval)
+            for c, aval in zip(folded, out_avals, strict=True)]
+  return trace.emit_eqn(tracers, out_avals, eqn.primitive, eqn.params,
+                        eqn.effects, src, eqn.ctx)
+
+
+def inline_call(eqn: JaxprEqn, closed: ClosedJaxpr, invals
+                ) -> list[Any] | None:
+  """Records the equations of ``closed``, called by ``eqn``, in the trace.
+
+  JAX's own inlining of a ``jax.jit(..., inline=True)``
+  (``partial_eval.inline_jaxpr_into_trace``), for a call of pure
+  equations. None where it does not apply, as for ``stage_as_is``.
+  """
+  trace = core.trace_ctx.trace
+  if type(trace) is not _DynamicJaxprTrace:
+    return None
+  src = eqn.source_info
+  tracers = _operand_tracers(trace, eqn.invars, invals, closed.in_avals, src)
+  if tracers is None:
+    return None
+  return partial_eval.inline_jaxpr_into_trace(trace, src, closed.jaxpr,
+                                              closed.consts, *tracers)
+
+
+def trace_jaxpr(fn, avals) -> ClosedJaxpr:
+  """The jaxpr of ``fn`` (arrays in, a list of arrays out) on ``avals``.
+
+  ``jax.make_jaxpr`` without its pytree and caching layers, a few times
+  cheaper; for small helpers traced once and inlined many times.
+  """
+  wrapped = linear_util.wrap_init(
+      fn, debug_info=api_util.debug_info("fast_interpret", fn, avals, {}))
+  jaxpr, _, consts = partial_eval.trace_to_jaxpr_dynamic(wrapped, list(avals))
+  return ClosedJaxpr(jaxpr, consts)
+
+
+def inline_jaxpr(closed: ClosedJaxpr, args) -> list[Any]:
+  """Evaluates ``closed`` on ``args``, its equations recorded as they are.
+
+  Inlined into the jaxpr being traced (``partial_eval.
+  inline_jaxpr_into_trace``) when every argument is a traced value of its
+  parameter's exact type; otherwise each equation is bound
+  (``core.eval_jaxpr``).
+  """
+  trace = core.trace_ctx.trace
+  if type(trace) is _DynamicJaxprTrace:
+    src = source_info_util.current()
+    tracers = _operand_tracers(trace, [None] * len(args), args,
+                               closed.in_avals, src)
+    if tracers is not None:
+      return partial_eval.inline_jaxpr_into_trace(trace, src, closed.jaxpr,
+                                                  closed.consts, *tracers)
+  return core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
+def _operand_tracers(trace, atoms, invals, avals, src) -> list[Any] | None:
+  """Tracers of ``trace`` for operands ``invals`` (of ``atoms``), or None.
+
+  None unless each is a literal or a traced value of type ``avals[i]``.
+  """
+  tracers = []
+  for atom, x, aval in zip(atoms, invals, avals, strict=True):
+    if type(atom) is core.Literal:
+      if atom.aval != aval:
+        return None
+      tracers.append(_DynamicJaxprTracer(trace, aval, atom, src))
+      continue
+    if type(x) is not _DynamicJaxprTracer or x.aval != aval:
+      return None
+    if x._trace is not trace:  # pylint: disable=protected-access
+      x = trace.to_jaxpr_tracer(x, src)
+    tracers.append(x)
+  return tracers
 
 
 def bound_axis_names() -> frozenset:

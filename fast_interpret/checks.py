@@ -128,12 +128,15 @@ class Record:
 
   def failed(self) -> jax.Array:
     """The traced scalar predicate: this record's check fails."""
+    # lax calls: JAX's operator overloads are a jitted call each while
+    # tracing, and a kernel records hundreds of checks.
     value, lo, hi = _comparable(self.value, self.lo, self.hi)
     value = value.reshape(())
-    bad = (value < lo) | (value > hi)
+    bad = lax.bitwise_or(lax.lt(value, np.array(lo, value.dtype)),
+                         lax.gt(value, np.array(hi, value.dtype)))
     if self.gate is None:
       return bad
-    return bad & jnp.asarray(self.gate).reshape(())
+    return lax.bitwise_and(bad, jnp.asarray(self.gate).reshape(()))
 
 
 def _comparable(value, lo: int, hi: int):
@@ -310,7 +313,7 @@ def _select_first(bad, items, default=None) -> jax.Array:
     acc, order = default, range(len(items) - 1, -1, -1)
   for i in order:
     if not _same(items[i], acc):
-      acc = jnp.where(bad[i], _int32(items[i]), _int32(acc))
+      acc = lax.select(bad[i], _int32(items[i]), _int32(acc))
   return _int32(acc)
 
 

@@ -16,6 +16,8 @@ amount is in range (XLA defines the other cases differently from NumPy).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import functools
+import math
 from typing import Any
 
 from jax import lax
@@ -41,11 +43,18 @@ def _logical_right(x, y):
   return np.right_shift(x.view(unsigned), y.astype(unsigned)).view(x.dtype)
 
 
-def _iota(*, dtype, shape, dimension, **_):
+@functools.lru_cache(maxsize=256)
+def _iota_of(dtype, shape, dimension):
   index = np.arange(shape[dimension], dtype=dtype)
   view = [1] * len(shape)
   view[dimension] = shape[dimension]
   return np.broadcast_to(index.reshape(view), shape)
+
+
+def _iota(*, dtype, shape, dimension, **_):
+  # Cached: an unrolled kernel builds the same iota at every step. The
+  # broadcast view is read-only, so sharing it is safe.
+  return _iota_of(dtype, shape, dimension)
 
 
 _BINARY: dict[Any, Callable] = {
@@ -110,7 +119,7 @@ def fold(eqn: _jax.JaxprEqn,
     return None
   out = eqn.outvars[0].aval
   if (not hasattr(out, "shape") or not _foldable_dtype(out.dtype)
-      or np.prod(out.shape, dtype=np.int64) > MAX_FOLDED_ELEMENTS):
+      or math.prod(out.shape) > MAX_FOLDED_ELEMENTS):
     return None
   args = []
   for atom in eqn.invars:

@@ -396,7 +396,16 @@ def _is_one(x) -> bool:
 
 @register_rule(_jax.jit_p, predicated=True)
 def _jit_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr, **_):
-  """A nested ``jax.jit``: inlined into the kernel."""
+  """A nested ``jax.jit``: inlined into the kernel.
+
+  One that holds only pure equations without rules (``jnp.where``, say) is
+  inlined as it is (``_jax.inline_call``), without the walk: the walk
+  would record the same equations, at many times the cost.
+  """
+  if interpreter.only_binds(jaxpr.jaxpr) and interpreter.is_pure(ctx.eqn):
+    outs = _jax.inline_call(ctx.eqn, jaxpr, invals)
+    if outs is not None:
+      return state, outs
   known = [ctx.known_operand(i) for i in range(len(invals))]
   return interpreter.eval_jaxpr(ctx, state, jaxpr.jaxpr, jaxpr.consts, invals,
                                 known_args=known)

@@ -12,9 +12,10 @@ cross it and nothing behind it is recomputed. In a large jaxpr we fence, every
 24 to 48 equations (``FENCE_WINDOW``), the live arrays that have been
 computed by at least two equations since the last fence, choosing within
 that window the point where the fewest such arrays are live. Small jaxprs (every ordinary
-kernel) are left alone. A fence costs one conditional at run time; its two
-branch jaxprs are built once per signature of fenced values and bound
-directly, without tracing a ``lax.cond`` each time. Outside loops, values
+kernel) are left alone. A fence costs one conditional at run time. While
+tracing, a fence (packing, conditional, unpacking) is traced once per
+signature of fenced values and inlined at each fence that repeats it,
+rather than traced again each time. Outside loops, values
 of one shape and width pass a fence packed two by two into integers of
 twice the width, so that one fusion kernel computes both (``_pair``).
 """
@@ -135,6 +136,10 @@ class Fencer:
     self._depth: dict[_jax.Var, int] = {}
     self._last = _last_uses(jaxpr) if self._enabled else {}
     self._plan = _plan(jaxpr) if self._enabled else frozenset()
+    self._order = _first_uses(jaxpr) if self._enabled else {}
+    # Variables of depth MIN_DEPTH or more that may still be used: the
+    # candidates for the next fence (rather than every variable).
+    self._deep: set[_jax.Var] = set()
 
   def before(self, i: int, eqn, env: dict) -> None:
     """Called before equation ``i``; may replace live values in ``env``."""
@@ -146,21 +151,48 @@ class Fencer:
                      if isinstance(v, _jax.Var)), default=0)
     for v in eqn.outvars:
       self._depth[v] = depth
+      if depth >= MIN_DEPTH and v in self._last:
+        self._deep.add(v)
 
   def _fence(self, i: int, env: dict) -> None:
-    live = [v for v, last in self._last.items()
-            if last >= i and v in env and self._depth.get(v, 0) >= MIN_DEPTH
-            and getattr(env[v], "ndim", 0) > 0]
+    self._deep = {v for v in self._deep if self._last[v] >= i}
+    live = sorted((v for v in self._deep
+                   if v in env and getattr(env[v], "ndim", 0) > 0),
+                  key=self._order.__getitem__)
     if not live:
       return
     values = [env[v] for v in live]
-    packed, unpack = _pair(values) if self._pack else (values, lambda o: o)
-    fenced = _jax.cond_p.bind(
-        lax.convert_element_type(self._predicate, jnp.int32), *packed,
-        branches=_branches(tuple(jax.typeof(x) for x in packed)))
-    for v, x in zip(live, unpack(fenced), strict=True):
+    fence = _fence_jaxpr(tuple(jax.typeof(x) for x in values), self._pack)
+    fenced = _jax.inline_jaxpr(fence, [self._predicate, *values])
+    for v, x in zip(live, fenced, strict=True):
       env[v] = x
       self._depth[v] = 0
+    self._deep.difference_update(live)
+
+
+@functools.lru_cache(maxsize=1024)
+def _first_uses(jaxpr: _jax.Jaxpr) -> dict[_jax.Var, int]:
+  """Rank of each variable of ``_last_uses`` in its order (of first use).
+
+  Fenced values go in this order, which decides how they pair up.
+  """
+  return {v: k for k, v in enumerate(_last_uses(jaxpr))}
+
+
+@functools.lru_cache(maxsize=1024)
+def _fence_jaxpr(avals, pack: bool) -> _jax.ClosedJaxpr:
+  """The fence of values of ``avals``: ``(predicate, *values) -> values``.
+
+  Traced once per signature and inlined at each fence (a large unrolled
+  kernel repeats a few signatures), rather than traced again each time.
+  """
+  def fence(predicate, *values):
+    values = list(values)
+    packed, unpack = _pair(values) if pack else (values, lambda o: o)
+    return list(unpack(_jax.cond_p.bind(
+        lax.convert_element_type(predicate, jnp.int32), *packed,
+        branches=_branches(tuple(jax.typeof(x) for x in packed)))))
+  return _jax.trace_jaxpr(fence, [_jax.ShapedArray((), jnp.bool_), *avals])
 
 
 def _pair(values):
@@ -239,9 +271,8 @@ def _branches(avals) -> tuple[Any, Any]:
   nor a copy (on the (8,128) sort: 8,684 -> 7,584 optimised-HLO
   instructions, 350 -> 75 copies).
   """
-  true = jax.make_jaxpr(lambda *xs: xs)(*avals)
-  false = jax.make_jaxpr(
-      lambda x, *xs: (_scramble(x), *xs))(*avals)
+  true = _jax.trace_jaxpr(lambda *xs: list(xs), avals)
+  false = _jax.trace_jaxpr(lambda x, *xs: [_scramble(x), *xs], avals)
   return false, true
 
 

@@ -9,8 +9,10 @@ A rule simulates one primitive on the kernel state::
 
 ``invals`` hold a ``RefHandle`` wherever the equation takes a ref, and traced
 arrays elsewhere. Primitives without a rule that are pure (no ref operand, no
-effect, not a Pallas primitive) fall through to ``bind``. Anything else fails
-while tracing with an ``UnsupportedPrimitiveError`` that names the primitive.
+effect, not a Pallas primitive) fall through to ``bind`` (``bind_pure``: in
+a jaxpr trace, the equation is recorded as it is, without re-deriving its
+types). Anything else fails while tracing with an
+``UnsupportedPrimitiveError`` that names the primitive.
 
 Predication: inside a branch that holds remote ops (see control_rules), every
 device evaluates every branch, with ``RuleContext.active`` telling whether it
@@ -174,6 +176,28 @@ def is_pure(eqn: _jax.JaxprEqn) -> bool:
   return not any(isinstance(v.aval, _jax.AbstractRef) for v in eqn.invars)
 
 
+@functools.lru_cache(maxsize=4096)
+def only_binds(jaxpr: _jax.Jaxpr) -> bool:
+  """Whether evaluating ``jaxpr`` would do nothing but bind its equations.
+
+  True when every equation is pure and has no rule, nested ``jax.jit``s
+  included, and no jaxpr in it is large enough to be fenced (fences.py).
+  Such a jaxpr, called by a nested ``jax.jit``, can be bound as one call
+  rather than walked (control_rules).
+  """
+  if len(jaxpr.eqns) > fences.MIN_FENCED_EQNS:
+    return False
+  for eqn in jaxpr.eqns:
+    if not is_pure(eqn):
+      return False
+    if eqn.primitive is _jax.jit_p:
+      if not only_binds(eqn.params["jaxpr"].jaxpr):
+        return False
+    elif eqn.primitive in _RULES:
+      return False
+  return True
+
+
 def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
                consts: Sequence[Any], args: Sequence[Any],
                keep_sends: list | None = None,
@@ -251,27 +275,37 @@ def eval_eqn(ctx: RuleContext, state: KernelState, eqn: _jax.JaxprEqn,
              invals: Sequence[Any]) -> tuple[KernelState, list[Any]]:
   """Simulates one equation; returns the new state and its output list."""
   rule = _RULES.get(eqn.primitive)
-  with _jax.user_context(eqn.source_info.traceback,
-                         name_stack=eqn.source_info.name_stack):
-    if rule is not None:
+  if rule is None and is_pure(eqn):
+    outvals = bind_pure(eqn, invals)
+  else:
+    with _jax.user_context(eqn.source_info.traceback,
+                           name_stack=eqn.source_info.name_stack):
+      if rule is None:
+        raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
       before = state
       state, outvals = rule(dataclasses.replace(ctx, eqn=eqn), state,
                             *invals, **eqn.params)
       if eqn.primitive not in _PREDICATED:
         state = mask_inactive(ctx, before, state)
-    elif is_pure(eqn):
-      outvals = bind_pure(eqn, invals)
-    else:
-      raise errors.UnsupportedPrimitiveError(eqn, ctx.kernel_name)
   if not eqn.primitive.multiple_results:
     outvals = [outvals]
   return state, outvals
 
 
 def bind_pure(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> Any:
-  """Binds a pure equation's primitive with its own parameters."""
-  return eqn.primitive.bind(*invals,
-                            **eqn.primitive.get_bind_params(eqn.params))
+  """Binds a pure equation's primitive with its own parameters.
+
+  Recorded as is where the operands are traced values of the equation's own
+  types (``_jax.stage_as_is``): most equations of a kernel, and a third of
+  the cost of binding them.
+  """
+  outs = _jax.stage_as_is(eqn, invals)
+  if outs is not None:
+    return outs if eqn.primitive.multiple_results else outs[0]
+  with _jax.user_context(eqn.source_info.traceback,
+                         name_stack=eqn.source_info.name_stack):
+    return eqn.primitive.bind(*invals,
+                              **eqn.primitive.get_bind_params(eqn.params))
 
 
 # --- Which buffers does a jaxpr write? -------------------------------------

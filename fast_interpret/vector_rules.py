@@ -15,6 +15,9 @@ checks.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +180,15 @@ def _xor_permutation(x, mask: int):
   return lax.reshape(lax.rev(lax.reshape(x, dims), axes), x.shape)
 
 
+@functools.lru_cache(maxsize=1024)
+def _xor_permutation_jaxpr(aval, mask: int) -> _jax.ClosedJaxpr:
+  """``_xor_permutation`` of a value of ``aval``, traced once per mask.
+
+  An unrolled sorting network repeats a few masks at a hundred call sites.
+  """
+  return _jax.trace_jaxpr(lambda x: [_xor_permutation(x, mask)], [aval])
+
+
 @register_rule(lax.gather_p)
 def _gather_rule(ctx: RuleContext, state: KernelState, operand, indices, *,
                  dimension_numbers, slice_sizes, **_):
@@ -195,6 +207,8 @@ def _gather_rule(ctx: RuleContext, state: KernelState, operand, indices, *,
       ids = np.arange(flat.size).reshape(flat.shape)
       if (np.array_equal(flat, ids ^ mask)
           and operand.size % (1 << mask.bit_length()) == 0):
-        return state, (operand if mask == 0
-                       else _xor_permutation(operand, mask))
+        if mask == 0:
+          return state, operand
+        permute = _xor_permutation_jaxpr(jax.typeof(operand), mask)
+        return state, _jax.inline_jaxpr(permute, [operand])[0]
   return state, bind_pure(ctx.eqn, (operand, indices))

@@ -291,7 +291,8 @@ def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
       y = lax.slice(x, static, [s + n for s, n in zip(static, sizes,
                                                       strict=True)])
   else:
-    y = lax.dynamic_slice(x, _index_args(starts), sizes)
+    y = lax.dynamic_slice(x, _index_args(starts, x.shape), sizes,
+                          allow_negative_indices=False)
   return lax.squeeze(y, squeeze) if squeeze else y
 
 
@@ -313,12 +314,27 @@ def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
     val = lax.expand_dims(val, squeeze)
   if fill is not None and _maybe_outside(starts, sizes, x.shape):
     return filled_window_write(x, starts, sizes, val, fill)
-  return lax.dynamic_update_slice(x, val.astype(x.dtype), _index_args(starts))
+  return lax.dynamic_update_slice(x, val.astype(x.dtype),
+                                  _index_args(starts, x.shape),
+                                  allow_negative_indices=False)
 
 
-def _index_args(starts):
-  return [jnp.asarray(s, jnp.int32) if _static_int(s) is None
-          else np.int32(_static_int(s)) for s in starts]
+def _index_args(starts, shape):
+  """int32 start indices, a negative one counted from the end.
+
+  As ``lax.dynamic_slice`` would count it, but with ``lax`` calls: its
+  ``i < 0`` on a traced index is a jitted call of its own while tracing.
+  """
+  args = []
+  for s, d in zip(starts, shape, strict=True):
+    static = _static_int(s)
+    if static is not None:
+      args.append(np.int32(static + d if static < 0 else static))
+      continue
+    i = jnp.asarray(s, jnp.int32)
+    args.append(lax.select(lax.lt(i, np.int32(0)), lax.add(i, np.int32(d)),
+                           i))
+  return args
 
 
 def _is_dynamic_size(idx) -> bool:

@@ -395,6 +395,31 @@ class NestedJitAndScopeTest(chex.TestCase):
                                rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_nested_jits_of_pure_code(self):
+    # jnp.where is a jit of pure equations (inlined as it is); the outer jit
+    # holds a gather with a rule (walked), whose indices are known.
+    @jax.jit
+    def butterfly(v):
+      partner = lax.broadcasted_iota(jnp.int32, v.shape, 1) ^ 1
+      swapped = jnp.take_along_axis(v, partner, axis=1)
+      return jnp.where(v > swapped, v, swapped)
+
+    def kernel(x_ref, o_ref):
+      v = x_ref[...]
+      o_ref[...] = jax.jit(lambda a: jnp.where(a > 0, a, 2.0 * a))(
+          butterfly(v))
+
+    f = lambda x, interpret=None: _call(kernel, _sds((8, 128)), x,
+                                        interpret=interpret)
+    out = np.asarray(self.variant(f)(X))
+    x = np.asarray(X)
+    m = np.maximum(x, x[:, np.arange(128) ^ 1])
+    expected = np.where(m > 0, m, 2 * m)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_allclose(out, np.asarray(f(X, interpret=True)),
+                               rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_run_scoped_vmem_scratch(self):
     def kernel(x_ref, o_ref):
       def body(tmp_ref, acc_ref):
