@@ -400,9 +400,13 @@ def _jit_rule(ctx: RuleContext, state: KernelState, *invals, jaxpr, **_):
 
   One that holds only pure equations without rules (``jnp.where``, say) is
   inlined as it is (``_jax.inline_call``), without the walk: the walk
-  would record the same equations, at many times the cost.
+  would record the same equations, at many times the cost. Unless an
+  operand has a range (``jnp.remainder`` of a loop counter, say): the walk
+  gives the results theirs (ranges.py).
   """
-  if interpreter.only_binds(jaxpr.jaxpr) and interpreter.is_pure(ctx.eqn):
+  if (interpreter.only_binds(jaxpr.jaxpr) and interpreter.is_pure(ctx.eqn)
+      and not (ctx.ranges is not None
+               and any(ctx.ranges.has_range(v) for v in invals))):
     outs = _jax.inline_call(ctx.eqn, jaxpr, invals)
     if outs is not None:
       return state, outs

@@ -89,6 +89,10 @@ class Ranges:
     entry = self._lookup(x)
     return None if entry is None else (entry.lo, entry.hi)
 
+  def has_range(self, x) -> bool:
+    """Whether ``x`` is a traced value with a known range."""
+    return self._lookup(x) is not None
+
   def set(self, x, lo: int, hi: int, defn=None) -> None:
     """Records ``x`` in ``[lo, hi]`` (ignored for a value that is static)."""
     if _static(x) is None and isinstance(x, jax.core.Tracer):
