@@ -72,6 +72,9 @@ def _params(fill="nan"):
 # before the start, far before.
 STARTS = (("inside", 3), ("past_end", 9), ("far_past_end", 100),
           ("negative", -3), ("far_negative", -50))
+# Rows picked by an integer-array index into 16 rows.
+ARRAY_ROWS = (("inside", (1, 15, 0, 7)), ("past_end", (1, 20, 16, 5)),
+              ("negative", (-3, 2, -1, 100)))
 FILLS = (("nan", "nan"), ("zero", "zero"))
 DTYPES_BLOCK = (("f32", jnp.float32), ("bf16", jnp.bfloat16),
                 ("i32", jnp.int32))
@@ -184,9 +187,7 @@ class OutOfBoundsReadTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(out), expected)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("inside", (1, 15, 0, 7)),
-                                  ("past_end", (1, 20, 16, 5)),
-                                  ("negative", (-3, 2, -1, 100)))
+  @parameterized.named_parameters(*ARRAY_ROWS)
   def test_array_index_load(self, rows):
     def kernel(i_ref, x_ref, o_ref):
       o_ref[...] = x_ref[i_ref[...], :]
@@ -198,9 +199,7 @@ class OutOfBoundsReadTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(out), _rows(_x(), rows, np.nan))
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("inside", (1, 15, 0, 7)),
-                                  ("past_end", (1, 20, 16, 5)),
-                                  ("negative", (-3, 2, -1, 100)))
+  @parameterized.named_parameters(*ARRAY_ROWS)
   def test_array_index_store_drops_outside_rows(self, rows):
     def kernel(i_ref, x_ref, o_ref):
       o_ref[...] = jnp.zeros_like(o_ref)
