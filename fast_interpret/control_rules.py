@@ -375,7 +375,8 @@ def _counters(ctx: RuleContext, jaxpr: _jax.Jaxpr, num_consts: int, init,
   found = {}
   for k, start in enumerate(init):
     var = jaxpr.invars[num_consts + k]
-    eqn = producers.get(jaxpr.outvars[k])
+    out = jaxpr.outvars[k]
+    eqn = None if isinstance(out, _jax.Literal) else producers.get(out)
     if eqn is None or eqn.primitive is not lax.add_p:
       continue
     a, b = eqn.invars
