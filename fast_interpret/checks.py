@@ -236,7 +236,7 @@ def flush(state):
   word = state.read(ERROR_ID)
   if state.pending:
     site, new = _fold(state.pending)
-    word = _first(word, new, site != 0)
+    word = _first(word, new, lax.ne(site, np.int32(0)))
   held = state.deferred
   if held is not None:
     # Records from before a conditional come first: where one failed and
@@ -329,8 +329,13 @@ def _int32(x) -> jax.Array:
 
 def _first(word, new, failed):
   """The error of the earlier grid step; the one recorded first on a tie."""
-  keep_old = (word[0] != 0) & (word[1] <= new[1])
-  return jnp.where(keep_old | ~failed, word, new)
+  # lax calls, not jnp operators: this runs at every flush, and each jnp
+  # operator on a tracer costs a jitted wrapper while tracing.
+  slot = lambda x, i: lax.index_in_dim(x, i, keepdims=False)
+  keep_old = lax.bitwise_and(lax.ne(slot(word, 0), np.int32(0)),
+                             lax.le(slot(word, 1), slot(new, 1)))
+  keep = lax.bitwise_or(keep_old, lax.bitwise_not(failed))
+  return lax.select(lax.broadcast_in_dim(keep, word.shape, ()), word, new)
 
 
 def merge_first(state, words):

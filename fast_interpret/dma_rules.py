@@ -115,8 +115,11 @@ def wait_code_bits(num_steps) -> int | None:
   return bits if bits >= 8 else None
 
 
+# Semaphore updates are built from ``lax`` calls, not ``jnp`` operators:
+# they run for every DMA and wait, and each ``jnp`` operator on a tracer costs
+# a jitted wrapper while tracing (the first call's lowering time).
 def _keep_poison(v, new):
-  return jnp.where(v <= _POISON_LIMIT, v, new)
+  return lax.select(lax.le(v, np.int32(_POISON_LIMIT)), v, new)
 
 
 def _view_mask(shape, transforms) -> jax.Array:
@@ -131,7 +134,7 @@ def _view_mask(shape, transforms) -> jax.Array:
   ids = lax.iota(jnp.int32, math.prod(shape)).reshape(shape)
   picked = views.read(ids, transforms)
   if picked.size == 1:
-    return ids == picked.reshape(())
+    return lax.eq(ids, lax.reshape(picked, ()))
   return views.update(jnp.zeros(shape, jnp.bool_), transforms,
                       lambda v: (None, jnp.ones(v.shape, jnp.bool_)))[1]
 
@@ -151,13 +154,16 @@ def _as_vector(update):
 
 def _poisoning_wait(v, amount, step, kind: int, bits: int):
   """``v + amount`` (amount <= 0), poisoned where it goes below zero."""
-  new = v + amount
+  new = lax.add(v, amount)
   cap = (1 << bits) - 1
-  deficit = jnp.where(new < -cap, jnp.int32(cap), -new)
-  code = ((jnp.asarray(step, jnp.int32) << (bits + 1))
-          | jnp.int32(kind << bits) | deficit)
-  poison = code | jnp.int32(-(1 << 31))
-  return _keep_poison(v, jnp.where(new < 0, poison, new))
+  deficit = lax.select(lax.lt(new, np.int32(-cap)), lax.full_like(new, cap),
+                       lax.neg(new))
+  step = lax.shift_left(lax.convert_element_type(step, jnp.int32),
+                        np.int32(bits + 1))
+  code = lax.bitwise_or(lax.bitwise_or(step, np.int32(kind << bits)),
+                        deficit)
+  poison = lax.bitwise_or(code, np.int32(-(1 << 31)))
+  return _keep_poison(v, lax.select(lax.lt(new, np.int32(0)), poison, new))
 
 
 def end_records(ctx: RuleContext, state: KernelState, handles, gate=True,
@@ -254,15 +260,15 @@ def _add_to_semaphore(ctx: RuleContext, state: KernelState, sem, amount,
     kind = _WAIT_KINDS.index(what)
     update = lambda v: _poisoning_wait(v, amount, ctx.grid_step, kind, bits)
   elif bits is not None:
-    update = lambda v: _keep_poison(v, v + amount)
+    update = lambda v: _keep_poison(v, lax.add(v, amount))
   else:
-    update = lambda v: v + amount
+    update = lambda v: lax.add(v, amount)
   buf = state.read(handle.buffer_id)
   if bits is not None:
     # Elementwise over the whole (small) array, masked to the view: the
     # updates of one straight run fuse into one kernel, not one each.
     mask = _view_mask(buf.shape, transforms)
-    state = state.write(handle.buffer_id, jnp.where(mask, update(buf), buf))
+    state = state.write(handle.buffer_id, lax.select(mask, update(buf), buf))
   else:
     new, buf = views.update(buf, transforms, lambda v: (update(v),) * 2)
     state = state.write(handle.buffer_id, buf)

@@ -28,6 +28,7 @@ import functools
 import math
 from typing import Any
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -154,7 +155,10 @@ def _block_starts(op: Operand, block_indices) -> list[Any]:
   for dim, idx, size in zip(op.mapping.block_shape, block_indices,
                             op.block_sizes, strict=True):
     if isinstance(dim, _jax.Blocked):
-      starts.append(idx * size)
+      # lax.mul, not ``*``: a jnp operator on a tracer costs a jitted
+      # wrapper while tracing, for every block of every step.
+      starts.append(lax.mul(idx, size) if isinstance(idx, jax.Array)
+                    else idx * size)
     else:
       starts.append(idx)
   return [jnp.asarray(s, jnp.int32) for s in starts]

@@ -139,8 +139,9 @@ def _strided_read(x: Array, indexer, fill=None) -> Array | None:
       if fill is not None:
         x = jnp.where((i >= 0) & (i < size), x, _fill_value(x, fill))
     elif idx.stride == 1 and fill is None:
-      x = lax.dynamic_slice_in_dim(x, jnp.asarray(idx.start, jnp.int32),
-                                   idx.size, dim)
+      start, = _index_args([idx.start], [size])
+      x = lax.dynamic_slice_in_dim(x, start, idx.size, dim,
+                                   allow_negative_indices=False)
     else:
       rows = idx.start + idx.stride * jnp.arange(idx.size, dtype=jnp.int32)
       x = jnp.take(x, jnp.clip(rows, 0, size - 1), axis=dim)
