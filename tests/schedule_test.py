@@ -457,13 +457,20 @@ class StepwiseRevisitTest(parameterized.TestCase):
   that wrote the block back, and lose to an earlier step's error only.
   """
 
-  def _run(self, blocks, probes, num_cores):
-    def kernel(b_ref, p_ref, x_ref, o_ref):
+  def _run(self, blocks, probes, num_cores, signal_last=False):
+    def kernel(b_ref, p_ref, x_ref, o_ref, *sem):
       p_ref[0] = p_ref[0]
       o_ref[...] = x_ref[...] + b_ref[0].astype(jnp.float32)
+      if signal_last:
+        # Left signalled: an error of the last step, checked after its
+        # write-back.
+        @pl.when((pl.program_id(0) == 1) & (pl.program_id(1) == 2))
+        def _():
+          pl.semaphore_signal(sem[0], 1)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(2, 3),
+        scratch_shapes=[pltpu.SemaphoreType.REGULAR] if signal_last else [],
         # The input block is always 0, read through b[p[step]].
         in_specs=[pl.BlockSpec(
             (8, LANES), lambda i, j, b, p: (b[p[3 * i + j]] * 0, 0))],
@@ -514,6 +521,17 @@ class StepwiseRevisitTest(parameterized.TestCase):
                else OOB) + rf".*grid step {step}\)"
     with self.assertRaisesRegex(Exception, pattern):
       self._run(blocks, probes, num_cores)
+
+
+  @parameterized.parameters((1,), (2,))
+  def test_last_step_revisit_wins_over_semaphore_left_signalled(
+      self, num_cores):
+    with self.assertRaisesRegex(
+        Exception, REVISIT + r": block \[0, 0\].*grid step 5\)"):
+      self._run([0, 0, 1, 2, 3, 0], [5] * 6, num_cores, signal_last=True)
+    with self.assertRaisesRegex(
+        Exception, r"fast_interpret: semaphore: .* is left at 1.*grid step 5\)"):
+      self._run([0, 0, 1, 2, 3, 3], [5] * 6, num_cores, signal_last=True)
 
 
 if __name__ == "__main__":
