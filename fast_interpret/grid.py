@@ -412,10 +412,14 @@ def interpret_pallas_call(
       mesh=device_mesh, in_flight=in_flight,
       in_loop=not (isinstance(num_steps, int) and num_steps == 1))
   per_core = core_plan.per_core
+  # One core whose steps end with no check (semaphores left signalled) may
+  # have its last step's revisit checked after the loop.
   plan, state = schedule.make(
       ctx, KernelState(buffers), grid, operands, len(in_ops),
       scalar_handles, written, _last_of_core(num_steps, per_core),
-      interpret_params.check_output_revisits, core_plan.permutations)
+      interpret_params.check_output_revisits, core_plan.permutations,
+      last_after_loop=per_core is None and not (
+          check_semaphores and any(h.is_semaphore for h in checked_handles)))
   buffers = {**checks.flush(state).buffers, **plan.buffers}
   buffers.update(_covered_outputs(plan.static_rows(), operands, len(in_ops),
                                   out_to_in, written, in_flight, buffers))
@@ -510,7 +514,8 @@ def interpret_pallas_call(
     return cores.run_alone(step_steps(step, carry, last_step))
 
   carry = {k: v for k, v in buffers.items() if k in carried}
-  shared_ids = ({op.hbm_id for op in operands} | set(plan.buffers)
+  shared_ids = ({op.hbm_id for op in operands}
+                | (set(plan.buffers) - plan.private_ids)
                 | {h.buffer_id for h in scratch_handles
                    if cores.is_shared_memory(h.memory_space)}
                 | ({checks.ERROR_ID} & carry.keys()))
@@ -532,11 +537,14 @@ def interpret_pallas_call(
         {**invariant, **carry}), ctx.sites))
   elif per_core is None:
     if isinstance(num_steps, int) and num_steps == 1:
-      carry = step_fn(jnp.int32(0), carry, jnp.int32(0))
+      last = jnp.int32(0)
+      carry = step_fn(last, carry, last)
     else:
       last = jnp.asarray(num_steps, jnp.int32) - 1
       carry = lax.fori_loop(jnp.int32(0), last + 1,
                             lambda i, c: step_fn(i, c, last), carry)
+    # The last step's write-backs, where the schedule checks them now.
+    carry = plan.finish(ctx, KernelState(carry), last).subset(carry.keys())
   elif lockstep is not None:
     carry = cores.run_lockstep(step_steps, carry, buffers, per_core, lockstep)
   else:

@@ -52,6 +52,10 @@ MAX_TABLE_STEPS = 1 << 20
 # Run-time revisit checks scatter into a table of an output's blocks up to
 # this size; beyond it they sort the steps' block keys instead.
 _MAX_SCATTER_BLOCKS = 1 << 22
+# Per-step revisit checks of an output of up to this many blocks keep its
+# table as a bit set, updated with a mask over the whole of it; larger ones
+# as one bool per block, with a dynamic update.
+_MAX_BIT_SET_BLOCKS = 1 << 10
 
 
 def block_limits(op) -> tuple[int, ...]:
@@ -169,6 +173,16 @@ class TableSchedule:
     """Bookkeeping buffers the loop must carry: none."""
     return {}
 
+  @property
+  def private_ids(self) -> set[int]:
+    """Ids in ``buffers`` each simulated core holds its own copy of: none."""
+    return set()
+
+  def finish(self, ctx, state, last_step):
+    """Checks after a one-core loop: none (the table was checked)."""
+    del ctx, last_step
+    return state
+
   def __init__(self, table, num_coords: int, index_cols: list[slice],
                write_cols: dict[int, int]):
     self._table = table
@@ -282,24 +296,47 @@ class TableSchedule:
 
 
 class StepwiseSchedule:
-  """Index maps evaluated inside the loop, for the current and next step."""
+  """Index maps evaluated inside the loop, at each step for that step.
+
+  An output block goes back to HBM after a step when the next step maps it
+  to another block, or after the core's last step. For the revisit check,
+  each step compares its output blocks with the previous step's, carried in
+  the loop state, and so decides the previous step's write-back, rather
+  than evaluate the next step's index maps (coordinates and all). Only
+  flagged write-backs (``write_backs``) still read the next step's maps.
+  """
 
   def __init__(self, ctx, grid, operands, num_inputs: int, scalar_handles,
-               check_revisits: bool, permutations=()):
+               check_revisits: bool, permutations=(),
+               last_after_loop: bool = False):
     self._grid = grid
     self._permutations = permutations
     self._operands = operands
     self._num_inputs = num_inputs
     self._scalars = scalar_handles
-    # Revisits are found with a table of each output's blocks, marked at
-    # every write-back (shared between simulated cores, like HBM).
+    self._last_after_loop = last_after_loop
+    # Revisits are found with a table of each output's blocks (flat,
+    # row-major), marked at every write-back (shared between simulated
+    # cores, like HBM).
     self.visited: dict[int, int] = {}
+    # Per checked output, a scalar: the previous step's block as a position
+    # in its table, -1 for none (a core's first step) or a block outside
+    # the array (no visit). Private to each simulated core.
+    self._previous: dict[int, int] = {}
     self.buffers: dict[int, Any] = {}
     for k, op in enumerate(operands):
       if (check_revisits and k >= num_inputs and op.block_id is not None
           and revisit_grid(op) is not None):
         self.visited[k] = ctx.fresh_buffer_id()
-        self.buffers[self.visited[k]] = jnp.zeros(revisit_grid(op), bool)
+        self.buffers[self.visited[k]] = _visited_table(
+            math.prod(revisit_grid(op)))
+        self._previous[k] = ctx.fresh_buffer_id()
+        self.buffers[self._previous[k]] = jnp.int32(-1)
+
+  @property
+  def private_ids(self) -> set[int]:
+    """Ids in ``buffers`` that each simulated core holds its own copy of."""
+    return set(self._previous.values())
 
   def static_rows(self) -> None:
     """No table: the index maps run inside the loop."""
@@ -316,8 +353,12 @@ class StepwiseSchedule:
 
   def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
     coords = unravel(step, self._grid, self._permutations)
+    # Records pending before the index maps (none: each step ends with a
+    # flush) stay ahead of the previous step's revisits.
+    num_pending = len(state.pending)
     state, found = self._indices(ctx, state, coords)
     indices = [found[k] for k in range(len(self._operands))]
+    state = self._check_previous(ctx, state, step, indices, num_pending)
     if ctx.check_bounds:
       for op, idx in zip(self._operands, indices, strict=True):
         if op.block_id is None:
@@ -328,10 +369,49 @@ class StepwiseSchedule:
                                       _block_index_template(op), list(idx))
     return state, Row(coords, indices)
 
+  def _check_previous(self, ctx, state, step, indices, num_pending):
+    """Decides the previous step's write-backs and checks their revisits.
+
+    The previous step wrote an output block back if this step maps the
+    output to another block. Its revisit is recorded as an error of the
+    previous step, ahead of this step's own records (the index maps' SMEM
+    reads), so that it wins over them as it did when recorded at that step.
+    """
+    if not self._previous:
+      return state
+    if state.deferred is not None:
+      state = checks.flush(state)
+      num_pending = 0
+    ours = state.pending[num_pending:]
+    state = dataclasses.replace(state, pending=state.pending[:num_pending])
+    for k, prev_id in self._previous.items():
+      previous = state.read(prev_id)
+      key = _block_key(self._operands[k], indices[k])
+      state = self._check_revisit(ctx, state, step - 1, k, previous,
+                                  previous != key)
+      state = state.write(prev_id, key)
+    return dataclasses.replace(state, pending=(*state.pending, *ours))
+
+  def finish(self, ctx, state, last_step):
+    """Checks the last step's write-backs, after a one-core loop."""
+    if not self._last_after_loop:
+      return state
+    for k, prev_id in self._previous.items():
+      state = self._check_revisit(ctx, state, last_step, k,
+                                  state.read(prev_id), True)
+    return checks.flush(state)
+
   def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
+    if not self._last_after_loop:
+      # A core's last step writes its blocks back: checked now, ahead of
+      # the checks that end the core (semaphores), as at every step.
+      for k in self._previous:
+        state = self._check_revisit(
+            ctx, state, step, k,
+            _block_key(self._operands[k], row.block_indices[k]), is_last)
     outputs = [k for k, op in enumerate(self._operands)
                if k >= self._num_inputs and op.block_id is not None
-               and (flagged is None or k in flagged or k in self.visited)]
+               and (flagged is None or k in flagged)]
     if not outputs:
       # No flag needed: the next step's index maps are not evaluated at all.
       return state, {}
@@ -342,31 +422,67 @@ class StepwiseSchedule:
     _, nxt = self._indices(ctx, state, next_coords, set(outputs))
     writes = {}
     for k in outputs:
-      op = self._operands[k]
       changed = False
       for a, b in zip(row.block_indices[k], nxt[k], strict=True):
         changed = changed | (jnp.asarray(a) != jnp.asarray(b))
       writes[k] = is_last | changed
-      if k in self.visited:
-        state = self._check_revisit(ctx, state, op, self.visited[k],
-                                    row.block_indices[k], writes[k])
-    return state, {k: w for k, w in writes.items()
-                   if flagged is None or k in flagged}
+    return state, writes
 
-  @staticmethod
-  def _check_revisit(ctx, state, op, visited_id: int, block_indices, write):
-    visited = state.read(visited_id)
-    idx = [jnp.clip(jnp.asarray(i, jnp.int32), 0, n - 1)
-           for i, n in zip(block_indices, visited.shape, strict=True)]
-    for i, n in zip(block_indices, visited.shape, strict=True):
-      # A block outside the array is no visit of the edge block.
-      write = write & (jnp.asarray(i) >= 0) & (jnp.asarray(i) < n)
-    seen = lax.dynamic_slice(visited, idx, (1,) * visited.ndim).reshape(())
-    state = checks.record(state, ctx.sites, ctx.grid_step, write & seen,
-                          _revisit_template(op), list(block_indices))
-    new = lax.dynamic_update_slice(
-        visited, jnp.reshape(seen | write, (1,) * visited.ndim), idx)
-    return state.write(visited_id, new)
+  def _check_revisit(self, ctx, state, step, k: int, key, write):
+    """Records a write-back at ``step`` of block ``key`` written before.
+
+    ``key`` is the block's position in the table (``_block_key``); -1
+    (none, or outside the array) is no visit.
+    """
+    op = self._operands[k]
+    visited = state.read(self.visited[k])
+    write = write & (key >= 0)
+    if visited.dtype == jnp.int32:
+      # A bit set: scalar code, which XLA fuses with the step's other
+      # scalar code (and one word, for up to 32 blocks, is a scalar),
+      # where a dynamic slice and update of the carried table are kernels
+      # (and copies of the table) of their own on XLA:CPU.
+      words = np.arange(max(visited.size, 1), dtype=np.int32).reshape(
+          visited.shape)
+      here = words == lax.shift_right_arithmetic(key, np.int32(5))
+      bit = lax.shift_left(np.int32(1), lax.bitwise_and(key, np.int32(31)))
+      seen = jnp.any(here & (lax.bitwise_and(visited, bit) != 0))
+      new = lax.bitwise_or(visited, lax.select(
+          here & write, lax.broadcast(bit, visited.shape),
+          np.zeros(visited.shape, np.int32)))
+    else:
+      at = jnp.maximum(key, 0)
+      seen = lax.dynamic_index_in_dim(visited, at, keepdims=False)
+      new = lax.dynamic_update_index_in_dim(visited, seen | write, at, 0)
+    shape = revisit_grid(op)
+    values = [lax.rem(lax.div(key, np.int32(math.prod(shape[d + 1:]))),
+                      np.int32(n)) for d, n in enumerate(shape)]
+    state = checks.record(state, ctx.sites, step, write & seen,
+                          _revisit_template(op), values)
+    return state.write(self.visited[k], new)
+
+
+def _visited_table(num_blocks: int):
+  """A table of ``num_blocks`` flags, none set (see ``_check_revisit``).
+
+  Up to ``_MAX_BIT_SET_BLOCKS`` blocks: a bit set of int32 words, a scalar
+  for one word; beyond: one bool per block.
+  """
+  if num_blocks > _MAX_BIT_SET_BLOCKS:
+    return jnp.zeros(num_blocks, bool)
+  words = -(-num_blocks // 32)
+  return jnp.int32(0) if words == 1 else jnp.zeros(words, jnp.int32)
+
+
+def _block_key(op, block_indices):
+  """The block's position in ``op``'s revisit table; -1 outside the array."""
+  shape = revisit_grid(op)
+  key, inside = jnp.int32(0), True
+  for i, n in zip(block_indices, shape, strict=True):
+    i = jnp.asarray(i, jnp.int32)
+    inside = inside & (i >= 0) & (i < n)
+    key = key * np.int32(n) + i
+  return jnp.where(inside, key, np.int32(-1))
 
 
 def unravel(step, grid: Sequence[Any], permutations=()) -> tuple[Any, ...]:
@@ -382,7 +498,8 @@ def unravel(step, grid: Sequence[Any], permutations=()) -> tuple[Any, ...]:
 
 def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
          written: set[int], last_of_core: np.ndarray | None,
-         check_revisits: bool, permutations=None):
+         check_revisits: bool, permutations=None,
+         last_after_loop: bool = False):
   """The schedule for this call: a table where possible (see module doc).
 
   Args:
@@ -390,6 +507,9 @@ def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
       the number of steps is not static.
     permutations: per grid dimension, None or the order in which its
       coordinates run (``random_seed``, see cores.py).
+    last_after_loop: whether the caller runs one core and calls
+      ``finish`` after the loop, and nothing is recorded after a step's
+      write-backs: the last step's revisit check can then wait for it.
   """
   permutations = tuple(permutations or (None,) * len(grid))
   static = (last_of_core is not None and len(last_of_core) <= MAX_TABLE_STEPS
@@ -401,7 +521,8 @@ def make(ctx, state, grid, operands, num_inputs: int, scalar_handles,
                                scalar_handles, last_of_core, check_revisits,
                                permutations)
   schedule = StepwiseSchedule(ctx, grid, operands, num_inputs,
-                              scalar_handles, check_revisits, permutations)
+                              scalar_handles, check_revisits, permutations,
+                              last_after_loop)
   return schedule, state
 
 

@@ -14,6 +14,8 @@ reference of the same pipeline and with its checks:
 Run:  python -m pytest tests/schedule_test.py -q
 """
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+from fast_interpret import schedule
 from tests import feature_util
 
 FI = fast_interpret.FastInterpretParams
@@ -421,6 +424,114 @@ class StepwiseTest(chex.TestCase):
     want = _pipeline_reference(X, [0, 1], [0, 3], 32)
     np.testing.assert_array_equal(out[:8], want[:8])
     np.testing.assert_array_equal(out[24:], want[24:])
+
+
+def _first_pipeline_error(blocks, probes, per_core):
+  """The error a TPU pipeline walk meets first: (kind, step, block) or None.
+
+  Each step reads ``blocks[probes[step]]`` in the input's index map (an
+  SMEM read out of bounds when the probe is), then writes its output block
+  back when the next step of its core maps another block or when it is the
+  core's last step; a block written back a second time is a revisit.
+  Steps run in order (the cores one after another), and within a step the
+  index-map read comes first.
+  """
+  written = set()
+  for step, block in enumerate(blocks):
+    if not 0 <= probes[step] < len(blocks):
+      return ("smem", step, None)
+    last = (step + 1) % per_core == 0 or step == len(blocks) - 1
+    if last or blocks[step + 1] != block:
+      if block in written:
+        return ("revisit", step, block)
+      written.add(block)
+  return None
+
+
+class StepwiseRevisitTest(parameterized.TestCase):
+  """Per-step revisit checks against a walk of the pipeline (above).
+
+  The kernel writes its scalar-prefetch table, so the index maps that read
+  it run inside the loop. A write-back is decided at the next step of the
+  core, or at the core's last step; the revisit must still name the step
+  that wrote the block back, and lose to an earlier step's error only.
+  """
+
+  def _run(self, blocks, probes, num_cores, signal_last=False):
+    def kernel(b_ref, p_ref, x_ref, o_ref, *sem):
+      p_ref[0] = p_ref[0]
+      o_ref[...] = x_ref[...] + b_ref[0].astype(jnp.float32)
+      if signal_last:
+        # Left signalled: an error of the last step, checked after its
+        # write-back.
+        @pl.when((pl.program_id(0) == 1) & (pl.program_id(1) == 2))
+        def _():
+          pl.semaphore_signal(sem[0], 1)
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(2, 3),
+        scratch_shapes=[pltpu.SemaphoreType.REGULAR] if signal_last else [],
+        # The input block is always 0, read through b[p[step]].
+        in_specs=[pl.BlockSpec(
+            (8, LANES), lambda i, j, b, p: (b[p[3 * i + j]] * 0, 0))],
+        out_specs=pl.BlockSpec((8, LANES),
+                               lambda i, j, b, p: (b[3 * i + j], 0)))
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((32, LANES), jnp.float32),
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary")),
+        interpret=FI(num_cores_or_threads=num_cores))
+    with mock.patch.object(schedule.TableSchedule, "build",
+                           side_effect=AssertionError("not per step")):
+      return jax.block_until_ready(
+          jax.jit(call)(_i32(*blocks), _i32(*probes), X))
+
+  @parameterized.parameters(
+      # One core: the last step's write-back is checked after the loop.
+      ([0, 0, 1, 1, 2, 0], 1, None),
+      ([0, 1, 1, 0, 2, 3], 1, None),
+      ([0, 0, 1, 1, 2, 2], 1, None),
+      # The revisit at step 2 is decided at step 3, whose index map reads
+      # out of bounds: the earlier step still wins; at the same step or
+      # before, the read does.
+      ([0, 1, 0, 2, 2, 3], 1, 3),
+      ([0, 1, 0, 2, 2, 3], 1, 2),
+      ([0, 1, 0, 2, 2, 3], 1, 1),
+      # Two cores of three steps: each core writes its block back at its
+      # own last step (2 and 5).
+      ([0, 0, 0, 0, 1, 1], 2, None),
+      ([0, 1, 0, 1, 2, 3], 2, None),
+      ([0, 1, 2, 2, 3, 3], 2, None),
+      ([0, 1, 1, 2, 3, 1], 2, None),
+      ([0, 1, 1, 2, 3, 3], 2, None),
+      ([0, 1, 0, 0, 1, 3], 2, 4),
+  )
+  def test_matches_pipeline_walk(self, blocks, num_cores, bad_probe):
+    probes = [5] * 6
+    if bad_probe is not None:
+      probes[bad_probe] = 6
+    want = _first_pipeline_error(blocks, probes, 6 // num_cores)
+    if want is None:
+      out = self._run(blocks, probes, num_cores)
+      self.assertEqual(out.shape, (32, LANES))
+      return
+    kind, step, block = want
+    pattern = (REVISIT + rf": block \[{block}, 0\]" if kind == "revisit"
+               else OOB) + rf".*grid step {step}\)"
+    with self.assertRaisesRegex(Exception, pattern):
+      self._run(blocks, probes, num_cores)
+
+
+  @parameterized.parameters((1,), (2,))
+  def test_last_step_revisit_wins_over_semaphore_left_signalled(
+      self, num_cores):
+    with self.assertRaisesRegex(
+        Exception, REVISIT + r": block \[0, 0\].*grid step 5\)"):
+      self._run([0, 0, 1, 2, 3, 0], [5] * 6, num_cores, signal_last=True)
+    with self.assertRaisesRegex(
+        Exception, r"fast_interpret: semaphore: .* is left at 1.*grid step 5\)"):
+      self._run([0, 0, 1, 2, 3, 3], [5] * 6, num_cores, signal_last=True)
 
 
 if __name__ == "__main__":
