@@ -412,4 +412,3 @@ def record_bounds(ctx, state, report, name: str, what: str):
     state = record_outside(state, ctx.sites, ctx.grid_step, ranges, template,
                            starts)
   return state
-

@@ -191,8 +191,9 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
   layout = outbox.slot_layout(shapes)
   kept = [[] for _ in branches]
   buffers, outs, slots = lax.switch(
-      jnp.asarray(index, jnp.int32), [make_branch(b, k, layout, kept[k])
-              for k, b in enumerate(branches)], inner.subset(carried))
+      jnp.asarray(index, jnp.int32),
+      [make_branch(b, k, layout, kept[k]) for k, b in enumerate(branches)],
+      inner.subset(carried))
   for send in outbox.sends_of(layout, kept, slots):
     ctx.outbox.append(send)
   return state.with_buffers(buffers), outs
