@@ -189,6 +189,7 @@ def end_records(ctx: RuleContext, state: KernelState, handles, gate=True,
     value = state.read(h.buffer_id)
     if h.per_core:
       value = value[ctx.core_index]
+    value = views.read(value, h.transforms)  # Its part of a shared buffer.
     counts.append(value.ravel())
     sites = [ctx.sites.add(
         f"semaphore: {what} on {h.name} waits for more than was signalled "

@@ -333,16 +333,18 @@ def interpret_pallas_call(
   sem_rows = (core_plan.num_cores,) if core_plan.lockstep else ()
   scratch_handles = []
   for k, aval in enumerate(gm.scratch_avals):
-    bid = ids.fresh()
     inner = getattr(aval, "inner_aval", aval)
     space = scoped_memory_space(aval)
     if space == "semaphore":
-      buffers[bid] = jnp.zeros(sem_rows + inner.shape, jnp.int32)
-    else:
-      buffers[bid] = uninitialized(inner.shape, storage_dtype(inner), fill)
-    scratch_handles.append(RefHandle(bid, space, f"scratch[{k}]",
-                                     per_core=bool(sem_rows)
-                                     and space == "semaphore"))
+      scratch_handles.append(None)  # Allocated below.
+      continue
+    bid = ids.fresh()
+    buffers[bid] = uninitialized(inner.shape, storage_dtype(inner), fill)
+    scratch_handles.append(RefHandle(bid, space, f"scratch[{k}]"))
+  _allocate_semaphores(
+      gm.scratch_avals, scratch_handles, buffers, ids, sem_rows,
+      merge=(interpret_params.check_semaphores
+             and not remote.has_remote_ops(jaxpr)))
 
   def handle(op: Operand) -> RefHandle:
     space = op.mapping.block_aval.memory_space
@@ -595,6 +597,45 @@ def _covered_outputs(rows, operands, num_inputs, out_to_in, written,
     if len({tuple(i) for i in indices[inside]}) == math.prod(limits):
       starts[op.hbm_id] = donor
   return starts
+
+
+def _allocate_semaphores(avals, handles: list, buffers: dict, ids: BufferIds,
+                         rows: tuple[int, ...], merge: bool) -> None:
+  """Fills the semaphore slots (None) of ``handles`` with zeroed counters.
+
+  With ``merge`` every semaphore array of the kernel is a view of one int32
+  buffer (``rows`` + the total count): the updates of a grid step to
+  different semaphores then fuse into one XLA kernel, where one buffer
+  each costs a kernel each. On XLA:CPU that matters beyond its own cost: a
+  loop body of more than eight kernels runs through a dataflow executor
+  that is set up again at every iteration (a double-buffered DMA kernel's
+  checked step went from 9 kernels to 7, and from 1.3x to about the
+  unchecked time). It is done when semaphores are checked: unchecked, the
+  counts of a semaphore that only waits read are dead code XLA removes,
+  which one shared buffer would keep alive. Kernels with remote ops keep
+  one buffer per array (remote signals and deferred waits name buffers).
+  """
+  slots = [k for k, h in enumerate(handles) if h is None]
+  shapes = [getattr(avals[k], "inner_aval", avals[k]).shape for k in slots]
+  if not merge or len(slots) < 2:
+    for k, shape in zip(slots, shapes, strict=True):
+      bid = ids.fresh()
+      buffers[bid] = jnp.zeros(rows + shape, jnp.int32)
+      handles[k] = RefHandle(bid, "semaphore", f"scratch[{k}]",
+                             per_core=bool(rows))
+    return
+  bid = ids.fresh()
+  sizes = [math.prod(shape) for shape in shapes]
+  total = sum(sizes)
+  buffers[bid] = jnp.zeros(rows + (total,), jnp.int32)
+  for k, shape, size, offset in zip(slots, shapes, sizes,
+                                    np.cumsum([0, *sizes[:-1]]), strict=True):
+    view = [_jax.NDIndexer.from_indices_shape(
+        (_jax.Slice(int(offset), size, 1),), (total,))]
+    if shape != (size,):
+      view.append(_jax.ReshapeTransform(shape))
+    handles[k] = RefHandle(bid, "semaphore", f"scratch[{k}]",
+                           per_core=bool(rows)).with_transforms(view)
 
 
 def _check_semaphores_released(ctx, state, scratch_handles, is_last):

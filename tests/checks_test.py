@@ -819,6 +819,48 @@ class FoldTest(chex.TestCase):
                                 " when the kernel ends"):
       jax.block_until_ready(call(X))
 
+  @parameterized.named_parameters(
+      ("left_2d", "left", (1, 2), r"scratch\[1\] is left at 7 when the kernel "
+       "ends"),
+      ("wait_2d", "wait", (0, 1), r"a semaphore wait on scratch\[1\] waits for "
+       "more than was signalled"),
+      ("wait_last", "wait", (1,), r"a semaphore wait on scratch\[2\] waits for "
+       "more than was signalled"),
+      ("none", None, None, None))
+  def test_semaphore_arrays_of_any_shape_keep_their_names(self, what, at,
+                                                          message):
+    # Checked semaphores of one kernel share a buffer (grid.py); each array
+    # still counts, and is named, on its own, at a dynamic index too.
+    def kernel(x_ref, o_ref, a, b, c):
+      i = pl.program_id(0)
+      copy = pltpu.make_async_copy(x_ref, o_ref, a)
+      copy.start()
+      copy.wait()
+      for sem in (b.at[i, i + 1], c.at[1 - i]):
+        pl.semaphore_signal(sem, 2)
+        pl.semaphore_wait(sem, 2)
+      target = b if len(at or ()) == 2 else c
+      if what == "left":
+        pl.semaphore_signal(target.at[at], 7)
+        pl.semaphore_wait(target.at[at], 7 * i)
+      elif what == "wait":
+        pl.semaphore_wait(target.at[at], 1 - i)
+      o_ref[...] += 1
+
+    call = pl.pallas_call(
+        kernel, out_shape=_sds((ROWS, LANES)), grid=(2,),
+        in_specs=[pl.BlockSpec((ROWS // 2, LANES), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((ROWS // 2, LANES), lambda i: (i, 0)),
+        scratch_shapes=[DMA(()), REGULAR((2, 3)), REGULAR((2,))],
+        interpret=FI())
+    if message is None:
+      np.testing.assert_array_equal(call(X), X + 1)
+      return
+    step = 1 if what == "left" else 0  # Left over: found at the end.
+    with self.assertRaisesRegex(Exception, SEM + r": " + message +
+                                rf".*grid step {step}\b"):
+      jax.block_until_ready(call(X))
+
   def test_static_value_out_of_range_raises_while_tracing(self):
     state, sites = _fresh()
     with self.assertRaisesRegex(checks.KernelCheckError,
