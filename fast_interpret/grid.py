@@ -420,8 +420,7 @@ def interpret_pallas_call(
       ctx, KernelState(buffers), grid, operands, len(in_ops),
       scalar_handles, written, _last_of_core(num_steps, per_core),
       interpret_params.check_output_revisits, core_plan.permutations,
-      last_after_loop=per_core is None and not (
-          check_semaphores and any(h.is_semaphore for h in checked_handles)))
+      last_after_loop=per_core is None)
   buffers = {**checks.flush(state).buffers, **plan.buffers}
   buffers.update(_covered_outputs(plan.static_rows(), operands, len(in_ops),
                                   out_to_in, written, in_flight, buffers))
@@ -507,7 +506,7 @@ def interpret_pallas_call(
       state = state.write(op.hbm_id, _write_block(
           state.read(op.hbm_id), op, starts[k], state.read(op.block_id),
           writes.get(k), block_fill))
-    if check_semaphores:
+    if check_semaphores and per_core is not None:
       state = _check_semaphores_released(step_ctx, state, checked_handles,
                                          is_last)
     return checks.flush(state).subset(carried)
@@ -545,8 +544,14 @@ def interpret_pallas_call(
       last = jnp.asarray(num_steps, jnp.int32) - 1
       carry = lax.fori_loop(jnp.int32(0), last + 1,
                             lambda i, c: step_fn(i, c, last), carry)
-    # The last step's write-backs, where the schedule checks them now.
-    carry = plan.finish(ctx, KernelState(carry), last).subset(carry.keys())
+    # The last step's write-backs, where the schedule checks them now, then
+    # the semaphores the last step left (the order of a step's own checks).
+    state = plan.finish(ctx, KernelState(carry), last)
+    if check_semaphores:
+      state = _check_semaphores_released(
+          dataclasses.replace(ctx, grid_step=last), state, checked_handles,
+          True)
+    carry = checks.flush(state).subset(carry.keys())
   elif lockstep is not None:
     carry = cores.run_lockstep(step_steps, carry, buffers, per_core, lockstep)
   else:
@@ -644,7 +649,8 @@ def _check_semaphores_released(ctx, state, scratch_handles, is_last):
 
   Checked at each core's last grid step, so that every simulated core's own
   semaphores are seen (they are private to the core, or its row of them in
-  lock step).
+  lock step); with one core, after the grid loop instead of in every step
+  (gated), which keeps the check's kernels out of the loop body.
   """
   return checks.add_records(state, dma_rules.end_records(
       ctx, state, scratch_handles, is_last))
