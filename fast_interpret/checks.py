@@ -20,7 +20,10 @@ Stages of a check:
      one scalar select chain per word slot (one fused XLA kernel for the
      run, not one per check).
   3. ``raise_if_failed``, after the grid, raises through one host callback
-     reached only when the word holds an error.
+     reached only when the word holds an error. Checks of the kernel's end
+     may instead be a ``HostCheck``: values handed to that callback and
+     decoded there, after every record of the word (no kernels of their
+     own beyond a reduction that says whether any failed).
 
 After the grid loop, one host callback reads the word and raises
 ``KernelCheckError`` with the kernel name, the operand, the grid step and the
@@ -365,26 +368,72 @@ def _is_static(v) -> bool:
       isinstance(v, np.ndarray) and v.shape == ())
 
 
-def raise_if_failed(word, sites: Sites, device=None, reporter=True) -> None:
+@dataclasses.dataclass(frozen=True)
+class HostCheck:
+  """Checks decoded on the host, after every record of the error word.
+
+  Attributes:
+    values: a traced int32 vector, handed to the error callback.
+    failed: a traced bool: some check fails (the callback is then called).
+    records: ``values`` (NumPy) -> ``(site, step, values, failed)`` per
+      check, in program order, with the same meaning as a ``Record``'s.
+  """
+
+  values: Any
+  failed: Any
+  records: Any
+
+
+def _first_on_host(word: np.ndarray, records) -> np.ndarray:
+  """``word`` after ``records`` folded in as ``flush`` folds a run of them:
+  the first that failed, unless the word holds an error of an earlier (or
+  the same) grid step."""
+  for site, step, values, failed in records:
+    if not failed:
+      continue
+    if word[0] != 0 and word[1] <= step:
+      return word
+    new = np.zeros_like(word)
+    new[:2] = site + 1, step
+    values = np.asarray(values, np.int32).ravel()[:_NUM_VALUES]
+    new[2:2 + values.size] = values
+    return new
+  return word
+
+
+def raise_if_failed(word, sites: Sites, device=None, reporter=True,
+                    host_check: HostCheck | None = None) -> None:
   """Emits the one host callback that raises a recorded error.
 
   In a multi-device kernel, ``word`` and ``device`` are those of the first
   device that failed (see ``remote.first_error``) and only the ``reporter``
   device raises, so that one error comes back, naming that device.
+  ``host_check`` (one device only) adds checks decoded in the callback.
   """
   if not sites.templates:
     return
 
-  def check(word, *device):
+  def check(word, *rest):
     word = np.asarray(word)
+    if host_check is not None:
+      values, *rest = rest
+      word = _first_on_host(word, host_check.records(np.asarray(values)))
     if word[0] != 0:
       raise KernelCheckError(sites.message(
-          word, int(device[0]) if device else None))
+          word, int(rest[0]) if rest else None))
 
-  args = (word,) if device is None else (word, device)
+  failed = lax.ne(word[0], np.int32(0))
+  args = (word,)
+  if host_check is not None:
+    if device is not None:
+      raise errors.InternalError("host checks of a multi-device kernel.")
+    failed = lax.bitwise_or(failed, host_check.failed)
+    args += (host_check.values,)
+  if device is not None:
+    args += (device,)
   # The host is called only when an error was recorded: a host callback
   # costs about 2 ms per call on CPU, far more than the checks themselves.
-  lax.cond((word[0] != 0) & reporter,
+  lax.cond(lax.bitwise_and(failed, jnp.asarray(reporter)),
            lambda *a: io_callback(check, None, *a), lambda *a: None, *args)
 
 

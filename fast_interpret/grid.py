@@ -515,6 +515,9 @@ def interpret_pallas_call(
     return cores.run_alone(step_steps(step, carry, last_step))
 
   carry = {k: v for k, v in buffers.items() if k in carried}
+  multi_device = (has_remote and device_mesh is not None
+                  and device_mesh.size > 1)
+  host_check = None
   shared_ids = ({op.hbm_id for op in operands}
                 | (set(plan.buffers) - plan.private_ids)
                 | {h.buffer_id for h in scratch_handles
@@ -545,12 +548,17 @@ def interpret_pallas_call(
       carry = lax.fori_loop(jnp.int32(0), last + 1,
                             lambda i, c: step_fn(i, c, last), carry)
     # The last step's write-backs, where the schedule checks them now, then
-    # the semaphores the last step left (the order of a step's own checks).
+    # the semaphores the last step left (the order of a step's own checks),
+    # decoded by the callback that raises where it can be reached.
     state = plan.finish(ctx, KernelState(carry), last)
     if check_semaphores:
-      state = _check_semaphores_released(
-          dataclasses.replace(ctx, grid_step=last), state, checked_handles,
-          True)
+      end_ctx = dataclasses.replace(ctx, grid_step=last)
+      if multi_device:
+        state = _check_semaphores_released(end_ctx, state, checked_handles,
+                                           True)
+      else:
+        host_check = dma_rules.end_host_check(end_ctx, state,
+                                              checked_handles)
     carry = checks.flush(state).subset(carry.keys())
   elif lockstep is not None:
     carry = cores.run_lockstep(step_steps, carry, buffers, per_core, lockstep)
@@ -560,12 +568,13 @@ def interpret_pallas_call(
   if checks.ERROR_ID in carry:
     # Only a kernel that already communicates may add a collective: the
     # call itself could sit under a device-varying condition otherwise.
-    if remote.has_remote_ops(jaxpr) and device_mesh.size > 1:
+    if multi_device:
       word, device, reporter = remote.first_error(device_mesh,
                                                   carry[checks.ERROR_ID])
       checks.raise_if_failed(word, sites, device, reporter)
     else:
-      checks.raise_if_failed(carry[checks.ERROR_ID], sites)
+      checks.raise_if_failed(carry[checks.ERROR_ID], sites,
+                             host_check=host_check)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
 
 

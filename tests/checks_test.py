@@ -686,6 +686,33 @@ class FoldTest(chex.TestCase):
       np.testing.assert_array_equal(fold(jnp.asarray(values)),
                                     _expected_word(values, limits, 3))
 
+  def test_host_checks_fold_as_records_do(self):
+    # A HostCheck's records, decoded in the callback, must land in the word
+    # as the same records folded in the program would.
+    rng = np.random.default_rng(1)
+
+    @jax.jit
+    def fold(word, steps, values, failed):
+      state, sites = _fresh(word)
+      for k in range(3):
+        sites.add(f"site {k}")
+        state = checks.add_records(state, [checks.Record(
+            k, steps[k], (values[k],), failed[k])])
+      return checks.flush(state).read(checks.ERROR_ID)
+
+    for _ in range(40):
+      word = np.asarray(checks.initial_word())
+      if rng.random() < 0.6:
+        word = np.array([rng.integers(1, 9), rng.integers(0, 6), 5, 0, 0, 0,
+                         0, 0], np.int32)
+      steps = rng.integers(0, 6, 3).astype(np.int32)
+      values = rng.integers(-9, 9, 3).astype(np.int32)
+      failed = rng.random(3) < 0.5
+      records = [(k, steps[k], values[k], failed[k]) for k in range(3)]
+      np.testing.assert_array_equal(
+          checks._first_on_host(word.copy(), records),  # pylint: disable=protected-access
+          fold(word, steps, values, failed))
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_flush_keeps_earlier_step_recorded_before(self):
     def fold(values, word):
