@@ -35,8 +35,10 @@ def _one(name: str, variant: str) -> float:
     import fast_interpret  # pylint: disable=g-import-not-at-top
     from benchmarks import cases as cases_lib  # pylint: disable=g-import-not-at-top
     from benchmarks import modes as modes_lib  # pylint: disable=g-import-not-at-top
+    from benchmarks import worker  # pylint: disable=g-import-not-at-top
 
     case = cases_lib.get_case(name)
+    worker.set_device_count(case)
     args = case.make_args(np.random.default_rng(cases_lib.case_seed(case.name)))
     params = (fast_interpret.FastInterpretParams() if variant == "checked"
               else fast_interpret.FastInterpretParams.unchecked())

@@ -148,7 +148,7 @@ def _optional(result: RunResult, field: str, compute: Callable[[], Any]) -> None
         result.warnings.append(f"{field}: {short_error(exc)}")
 
 
-def _set_device_count(case: cases_lib.Case) -> None:
+def set_device_count(case: cases_lib.Case) -> None:
     """Simulates the CPU devices a multi-device case needs (before JAX starts)."""
     if case.num_devices > 1:
         jax.config.update("jax_num_cpu_devices", case.num_devices)
@@ -161,7 +161,7 @@ def run(case_name: str, mode_name: str, timing: TimingConfig) -> RunResult:
     try:
         case = cases_lib.get_case(case_name)
         with _phase("setup"):
-            _set_device_count(case)
+            set_device_count(case)
         _measure(result, case, modes_lib.MODES[mode_name], timing)
     except PhaseError as exc:
         result.status, result.phase = "error", exc.phase
