@@ -29,8 +29,10 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from fast_interpret import _jax
 from fast_interpret import constants
@@ -232,12 +234,19 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   for var, val in zip(jaxpr.invars, args, strict=True):
     env[var] = val
   fencer = fences.Fencer(jaxpr, ctx.opaque_true, pack=not ctx.in_loop)
+  seen: dict[tuple, tuple[list[Any], list[Any]]] = {}
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
     invals = [read(v) for v in eqn.invars]
     if ctx.outbox:
       state = outbox.flush(ctx, state, outbox.observed_sends(ctx, eqn, invals))
-    state, outvals = eval_eqn(ctx, state, eqn, invals)
+    key = _cse_key(eqn, invals)
+    if key is not None and key in seen:
+      outvals = seen[key][1]
+    else:
+      state, outvals = eval_eqn(ctx, state, eqn, invals)
+      if key is not None:
+        seen[key] = (invals, outvals)  # (invals: keeps their ids unique)
     for var, val in zip(eqn.outvars, outvals, strict=True):
       env[var] = val
     if ctx.ranges is not None and eqn.primitive in ranges.INFERRED:
@@ -251,6 +260,32 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   elif ctx.outbox:
     state = outbox.flush(ctx, state)
   return state, [read(v) for v in jaxpr.outvars]
+
+
+def _cse_key(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> tuple | None:
+  """A key equal for equations that compute the same values, or None.
+
+  A pure equation with no rule, whose operands are the very same values as
+  an earlier one's, gives its results again (a kernel computes the same
+  index twice, say for the K and the V copy of a page): one traced value,
+  so that range checks on it are recorded once (checks.Record.key).
+  """
+  if eqn.primitive in _RULES or not is_pure(eqn):
+    return None
+  operands = []
+  for x in invals:
+    if isinstance(x, jax.core.Tracer):
+      operands.append(id(x))
+    elif isinstance(x, (int, float, bool, np.number, np.bool_)):
+      operands.append((type(x), x))
+    else:
+      return None
+  try:
+    params = tuple(sorted(eqn.params.items()))
+    hash(params)
+  except TypeError:
+    return None
+  return (eqn.primitive, params, tuple(operands))
 
 
 def mask_inactive(ctx: RuleContext, before: KernelState, after: KernelState
