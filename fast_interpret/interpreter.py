@@ -117,6 +117,8 @@ class RuleContext:
       operands: on XLA:CPU every scalar handed to a conditional is a
       fusion kernel of its own (about 30 ms of compile time), while a
       table read inside the branch fuses into the code that uses it.
+    reuse: results already computed in the jaxpr walk under way, by a key
+      naming the computation (``cse_key``); None outside a walk.
   """
 
   params: Any
@@ -145,6 +147,7 @@ class RuleContext:
   remat: Mapping[int, tuple[Any, Any]] = dataclasses.field(
       default_factory=dict)
   ranges: ranges.Ranges | None = None
+  reuse: dict[tuple, Any] | None = None
 
   def fresh_buffer_id(self) -> int:
     return self.buffer_ids.fresh()
@@ -222,7 +225,8 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   if known_args is not None:
     known.update((v, k) for v, k in zip(jaxpr.invars, known_args, strict=True)
                  if k is not None)
-  ctx = dataclasses.replace(ctx, constants=known)
+  seen: dict[tuple, Any] = {}
+  ctx = dataclasses.replace(ctx, constants=known, reuse=seen)
 
   def read(atom):
     if isinstance(atom, _jax.Literal):
@@ -234,13 +238,18 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   for var, val in zip(jaxpr.invars, args, strict=True):
     env[var] = val
   fencer = fences.Fencer(jaxpr, ctx.opaque_true, pack=not ctx.in_loop)
-  seen: dict[tuple, tuple[list[Any], list[Any]]] = {}
   for i, eqn in enumerate(jaxpr.eqns):
     fencer.before(i, eqn, env)
     invals = [read(v) for v in eqn.invars]
     if ctx.outbox:
       state = outbox.flush(ctx, state, outbox.observed_sends(ctx, eqn, invals))
-    key = _cse_key(eqn, invals)
+    key = None
+    if (eqn.primitive not in _RULES and all(
+        not getattr(v.aval, "shape", True) for v in eqn.outvars)
+        and is_pure(eqn)):
+      # Scalars only: an array reused across a fence (fences.py) would tie
+      # the code on both sides together again.
+      key = cse_key(eqn.primitive, eqn.params, invals)
     if key is not None and key in seen:
       outvals = seen[key][1]
     else:
@@ -262,30 +271,34 @@ def eval_jaxpr(ctx: RuleContext, state: KernelState, jaxpr: _jax.Jaxpr,
   return state, [read(v) for v in jaxpr.outvars]
 
 
-def _cse_key(eqn: _jax.JaxprEqn, invals: Sequence[Any]) -> tuple | None:
-  """A key equal for equations that compute the same values, or None.
+def cse_key(what, params: Mapping[str, Any], operands: Sequence[Any]
+            ) -> tuple | None:
+  """A key equal for computations that give the same values, or None.
 
-  A pure equation with no rule, whose operands are the very same values as
-  an earlier one's, gives its results again (a kernel computes the same
-  index twice, say for the K and the V copy of a page): one traced value,
-  so that range checks on it are recorded once (checks.Record.key).
+  ``what`` (a primitive, say) with ``params`` applied to the very same
+  traced values, or equal Python scalars, as an earlier one gives its
+  results again: a kernel computes the same index twice, say for the K and
+  the V copy of a page. Reused (``RuleContext.reuse``), it is one traced
+  value, and range checks on it are recorded once (``checks.Record.key``).
+  Keys hold ids: the entry must keep the operands alive. ``operands`` is
+  flat (pytree leaves); ``what`` must tell apart their structures.
   """
-  if eqn.primitive in _RULES or not is_pure(eqn):
-    return None
-  operands = []
-  for x in invals:
+  parts = []
+  for x in operands:
     if isinstance(x, jax.core.Tracer):
-      operands.append(id(x))
+      parts.append(id(x))
     elif isinstance(x, (int, float, bool, np.number, np.bool_)):
-      operands.append((type(x), x))
+      parts.append((type(x), x))
+    elif isinstance(x, np.ndarray) and x.ndim == 0:  # A typed literal.
+      parts.append((type(x), x.dtype, x.item()))
     else:
       return None
   try:
-    params = tuple(sorted(eqn.params.items()))
-    hash(params)
+    key = (what, tuple(sorted(params.items())), tuple(parts))
+    hash(key)
   except TypeError:
     return None
-  return (eqn.primitive, params, tuple(operands))
+  return key
 
 
 def mask_inactive(ctx: RuleContext, before: KernelState, after: KernelState

@@ -7,11 +7,13 @@ updates of the buffer the ref's handle names.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import errors
+from fast_interpret import interpreter
 from fast_interpret import views
 from fast_interpret.interpreter import RuleContext, register_rule
 from fast_interpret.state import KernelState, RefHandle, uninitialized
@@ -38,11 +40,26 @@ def _transforms(ref: RefHandle, tree, flat) -> tuple:
 @register_rule(_jax.get_p)
 def _get_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, *idx,
               tree):
-  """Simulates ``ref[idx]``: a slice of the buffer. No fidelity lost."""
+  """Simulates ``ref[idx]``: a slice of the buffer. No fidelity lost.
+
+  A load of the same view of the same buffer value (not written since),
+  outside predicated code, gives the earlier load's value again: its
+  bounds check is already recorded (``interpreter.cse_key``).
+  """
   _check_direct_access(ctx, ref, "a load")
+  buf = state.read(ref.buffer_id)
+  transforms = _transforms(ref, tree, idx)
+  key = None
+  if ctx.reuse is not None and ctx.active is None:
+    leaves, structure = jax.tree_util.tree_flatten(transforms)
+    key = interpreter.cse_key(("load", ref.name, structure),
+                              {"fill": ctx.oob_fill}, [buf, *leaves])
+    if key in ctx.reuse:
+      return state, ctx.reuse[key][1]
   report = checks.bounds_report(ctx)
-  value = views.read(state.read(ref.buffer_id), _transforms(ref, tree, idx),
-                     report, fill=ctx.oob_fill)
+  value = views.read(buf, transforms, report, fill=ctx.oob_fill)
+  if key is not None:
+    ctx.reuse[key] = ((buf, leaves), value)
   return checks.record_bounds(ctx, state, report, ref.name, "load"), value
 
 

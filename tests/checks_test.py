@@ -888,6 +888,31 @@ class FoldTest(chex.TestCase):
                                 rf".*grid step {step}\b"):
       jax.block_until_ready(call(X))
 
+  @parameterized.named_parameters(("a_first", False, r"args\[1\]"),
+                                  ("b_first", True, r"args\[2\]"))
+  def test_shared_bad_index_names_the_first_copy(self, b_first, operand):
+    # Both copies read the same table entry (one traced value): the copy
+    # that runs first is the one reported, as it would fault first.
+    def kernel(t_ref, a_hbm, b_hbm, o_ref, buf, sem):
+      def copy(src):
+        page = t_ref[0] + 0
+        c = pltpu.make_async_copy(src.at[pl.ds(page, 8)], buf, sem)
+        c.start()
+        c.wait()
+        o_ref[...] += buf[...]
+      o_ref[...] = jnp.zeros_like(o_ref)
+      for src in ((b_hbm, a_hbm) if b_first else (a_hbm, b_hbm)):
+        copy(src)
+
+    call = pl.pallas_call(
+        kernel, out_shape=_sds((8, LANES)), in_specs=[SMEM, ANY, ANY],
+        out_specs=VMEM, scratch_shapes=[pltpu.VMEM((8, LANES), jnp.float32),
+                                        DMA(())], interpret=FI())
+    np.testing.assert_array_equal(call(_i32(8), X, 2 * X), 3 * X[8:])
+    with self.assertRaisesRegex(Exception, OOB + r": DMA source of " +
+                                operand + r" at index \[9, 0\]"):
+      jax.block_until_ready(call(_i32(9), X, 2 * X))
+
   def test_static_value_out_of_range_raises_while_tracing(self):
     state, sites = _fresh()
     with self.assertRaisesRegex(checks.KernelCheckError,

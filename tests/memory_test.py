@@ -143,6 +143,26 @@ class RefIndexingTest(chex.TestCase):
         np.asarray(out), np.asarray(x)[::-1] * 3 + np.arange(8))
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_repeated_reads_see_stores_between_them(self):
+    # The same index computed twice, and the same SMEM element read again:
+    # a read after a store must see the store (the interpreter reuses a
+    # repeated read only of a buffer not written since).
+    def kernel(i_ref, s_ref, o_ref):
+      i = i_ref[0]
+      first = s_ref[i + 1]
+      again = s_ref[i + 1]
+      s_ref[i + 1] = first * 10
+      after = s_ref[i + 1]
+      o_ref[0], o_ref[1], o_ref[2] = first, again, after
+      o_ref[3] = s_ref[(i + 1) * 1]
+
+    s = jnp.arange(8, dtype=jnp.int32) + 3
+    out = self.variant(lambda i, s: _call(
+        kernel, _sds((4,), jnp.int32), i, s, in_specs=[SMEM, SMEM],
+        out_specs=SMEM))(jnp.array([2], jnp.int32), s)
+    np.testing.assert_array_equal(np.asarray(out), [6, 6, 60, 60])
+
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("start0", 0), ("start3", 3),
                                   ("start6", 6))
   def test_dynamic_ds_read_and_write(self, start):
