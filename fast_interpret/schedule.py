@@ -261,26 +261,45 @@ class TableSchedule:
       row = [int(v) for v in self._table[step]]
       return state, self._row(row)
     table = self._table
+    if isinstance(table, np.ndarray):
+      table = jnp.asarray(table)  # One constant for every read below.
+    width = table.shape[1]
 
+    # lax.dynamic_slice, not dynamic_index_in_dim (a jitted call while
+    # tracing, with a jaxpr of its own to lower). Steps are never negative:
+    # no index wrap-around (a compare, add and select, copied into every
+    # fusion that reads the row).
     def read_row():
-      # Steps are never negative: no index wrap-around (a compare, add and
-      # select, copied into every fusion that reads the row).
-      return lax.dynamic_index_in_dim(jnp.asarray(table), step,
-                                      keepdims=False,
-                                      allow_negative_indices=False)
+      return lax.squeeze(
+          lax.dynamic_slice(table, (step, 0), (1, width),
+                            allow_negative_indices=False), (0,))
+
+    def read_entry(d):
+      return lax.reshape(
+          lax.dynamic_slice(table, (step, np.int32(d)), (1, 1),
+                            allow_negative_indices=False), ())
 
     # Only a constant table is read again inside a branch: a table computed
     # at run time would enter every such branch as an operand, which XLA
     # may copy (paged attention ran 2.5x slower per call).
-    coord_fn = ((lambda d: read_row()[d])
-                if isinstance(table, np.ndarray) else None)
+    coord_fn = read_entry if isinstance(self._table, np.ndarray) else None
     return state, self._row(read_row(), coord_fn)
 
   def _row(self, row, coord_fn=None) -> Row:
-    coords = tuple(row[d] for d in range(self._num_coords))
-    indices = [tuple(row[c] for c in range(s.start, s.stop))
+    """The Row of one step's table row: a list of ints, or a traced vector.
+
+    A traced row's entries are taken with ``lax`` calls: ``row[c]`` and
+    ``row[c] > 0`` are jitted wrappers each while tracing.
+    """
+    if isinstance(row, list):
+      entry, positive = row.__getitem__, lambda x: x > 0
+    else:
+      entry = lambda c: lax.index_in_dim(row, c, keepdims=False)
+      positive = lambda x: lax.gt(x, np.int32(0))
+    coords = tuple(entry(d) for d in range(self._num_coords))
+    indices = [tuple(entry(c) for c in range(s.start, s.stop))
                for s in self._index_cols]
-    writes = {k: row[c] > 0 for k, c in self._write_cols.items()}
+    writes = {k: positive(entry(c)) for k, c in self._write_cols.items()}
     return Row(coords, indices, writes, coord_fn)
 
   def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
