@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_interpret import errors
+from fast_interpret.state import as_int32
 
 ERROR_ID = -1
 _NUM_VALUES = 6
@@ -131,12 +132,12 @@ class Record:
     # lax calls: JAX's operator overloads are a jitted call each while
     # tracing, and a kernel records hundreds of checks.
     value, lo, hi = _comparable(self.value, self.lo, self.hi)
-    value = value.reshape(())
+    value = _scalar(value)
     bad = lax.bitwise_or(lax.lt(value, np.array(lo, value.dtype)),
                          lax.gt(value, np.array(hi, value.dtype)))
     if self.gate is None:
       return bad
-    return lax.bitwise_and(bad, jnp.asarray(self.gate).reshape(()))
+    return lax.bitwise_and(bad, _scalar(jnp.asarray(self.gate)))
 
 
 def _comparable(value, lo: int, hi: int):
@@ -147,7 +148,8 @@ def _comparable(value, lo: int, hi: int):
   fail, as it must (it exceeds every int32 limit). Wider values (x64) are
   compared in their own dtype, with limits clipped into its range.
   """
-  value = jnp.asarray(value)
+  if not isinstance(value, jax.Array):
+    value = jnp.asarray(value)
   dtype = value.dtype
   if dtype == jnp.bool_:
     return value.astype(jnp.int32), lo, hi
@@ -324,7 +326,16 @@ def _same(a, b) -> bool:
 
 
 def _int32(x) -> jax.Array:
-  return jnp.asarray(x, jnp.int32).reshape(())
+  return _scalar(as_int32(x))
+
+
+def _scalar(x: jax.Array) -> jax.Array:
+  """``x`` (one element) of shape ().
+
+  Already a scalar, ``x`` itself: ``reshape`` on a scalar tracer records a
+  needless equation, and the fold makes a few per record.
+  """
+  return x if x.shape == () else lax.reshape(x, ())
 
 
 def _first(word, new, failed):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_interpret import _jax
-from fast_interpret.state import uninitialized
+from fast_interpret.state import as_int32, uninitialized
 
 Array = Any
 
@@ -332,7 +332,7 @@ def _index_args(starts, shape):
     if static is not None:
       args.append(np.int32(static + d if static < 0 else static))
       continue
-    i = jnp.asarray(s, jnp.int32)
+    i = as_int32(s)
     args.append(lax.select(lax.lt(i, np.int32(0)), lax.add(i, np.int32(d)),
                            i))
   return args
