@@ -279,14 +279,30 @@ class TableSchedule:
           lax.dynamic_slice(table, (step, np.int32(d)), (1, 1),
                             allow_negative_indices=False), ())
 
+    if not isinstance(self._table, np.ndarray):
+      return state, self._row(read_row())
     # Only a constant table is read again inside a branch: a table computed
     # at run time would enter every such branch as an operand, which XLA
     # may copy (paged attention ran 2.5x slower per call).
-    coord_fn = read_entry if isinstance(self._table, np.ndarray) else None
-    return state, self._row(read_row(), coord_fn)
+    return state, self._row(read_row(), read_entry, self._fixed_columns())
 
-  def _row(self, row, coord_fn=None) -> Row:
-    """The Row of one step's table row: a list of ints, or a traced vector.
+  def _fixed_columns(self) -> dict[int, int]:
+    """Block-index and write-flag columns of a constant table that hold
+    one value at every step, and that value.
+
+    Those entries are ints, as known while tracing: half the block indices
+    of the attention kernels (a head-dimension block, an operand's whole
+    window). Coordinates stay traced: conditionals recognise program ids by
+    identity (``RuleContext.remat``).
+    """
+    t = self._table
+    same = np.all(t == t[:1], axis=0)
+    return {int(c): int(t[0, c]) for c in np.flatnonzero(same)
+            if c >= self._num_coords}
+
+  def _row(self, row, coord_fn=None, fixed=None) -> Row:
+    """The Row of one step's table row: a list of ints, or a traced vector
+    (``fixed``: the columns known while tracing, ``_fixed_columns``).
 
     A traced row's entries are taken with ``lax`` calls: ``row[c]`` and
     ``row[c] > 0`` are jitted wrappers each while tracing.
@@ -294,8 +310,12 @@ class TableSchedule:
     if isinstance(row, list):
       entry, positive = row.__getitem__, lambda x: x > 0
     else:
-      entry = lambda c: lax.index_in_dim(row, c, keepdims=False)
-      positive = lambda x: lax.gt(x, np.int32(0))
+      fixed = fixed or {}
+      entries = {**_entries(row, [c for c in range(row.shape[0])
+                                  if c not in fixed]), **fixed}
+      entry = entries.__getitem__
+      positive = lambda x: (x > 0 if isinstance(x, int)
+                            else lax.gt(x, np.int32(0)))
     coords = tuple(entry(d) for d in range(self._num_coords))
     indices = [tuple(entry(c) for c in range(s.start, s.stop))
                for s in self._index_cols]
@@ -312,6 +332,28 @@ class TableSchedule:
     if flagged is None:
       return state, row.writes
     return state, {k: w for k, w in row.writes.items() if k in flagged}
+
+
+def _entries(row, columns: list[int]) -> dict[int, Any]:
+  """``{c: row[c]}`` (scalars) for the increasing ``columns`` of ``row``.
+
+  One ``lax.split`` of the row and a reshape per entry: half the equations
+  of a slice and a squeeze per entry, for the same slices in the HLO.
+  """
+  if not columns:
+    return {}
+  sizes, pieces, end = [], [], 0
+  for c in columns:
+    if c > end:  # Columns between: a piece nothing reads.
+      sizes.append(c - end)
+    pieces.append(len(sizes))
+    sizes.append(1)
+    end = c + 1
+  if end < row.shape[0]:
+    sizes.append(row.shape[0] - end)
+  parts = lax.split(row, sizes)
+  return {c: lax.reshape(parts[k], ()) for c, k in zip(columns, pieces,
+                                                      strict=True)}
 
 
 class StepwiseSchedule:
