@@ -161,7 +161,10 @@ def _block_starts(op: Operand, block_indices) -> list[Any]:
                     else idx * size)
     else:
       starts.append(idx)
-  return [jnp.asarray(s, jnp.int32) for s in starts]
+  # A start known while tracing (a block index the same at every step)
+  # stays a NumPy scalar: jnp.asarray of an int is an equation in the loop.
+  return [np.int32(s) if isinstance(s, (int, np.integer))
+          else jnp.asarray(s, jnp.int32) for s in starts]
 
 
 def _bits_dtype(dtype):

@@ -147,11 +147,15 @@ def as_int32(x) -> Array:
   """``jnp.asarray(x, jnp.int32)``, free for what already is an int32 array.
 
   ``jnp.asarray`` is tens of microseconds of Python per call while tracing,
-  and the index arithmetic of a kernel converts scalars by the hundred.
+  and the index arithmetic of a kernel converts scalars by the hundred. An
+  int becomes a NumPy int32: ``jnp.asarray`` of an int is an equation of
+  its own inside the grid loop.
   """
   if (isinstance(x, jax.Array) and x.dtype == np.int32
       and not x.weak_type):
     return x
+  if isinstance(x, (int, np.integer)):
+    return np.int32(x)
   return jnp.asarray(x, jnp.int32)
 
 

@@ -337,7 +337,8 @@ def _index_args(starts, shape, ranges=None):
     if static is not None:
       args.append(np.int32(static + d if static < 0 else static))
       continue
-    i = as_int32(s)
+    # A weakly typed int32 index serves as it is (no conversion equation).
+    i = s if getattr(s, "dtype", None) == np.int32 else as_int32(s)
     if ranges is not None and ranges.within(s, 0, _INT32_MAX):
       args.append(i)
       continue
