@@ -152,12 +152,12 @@ def _comparable(value, lo: int, hi: int):
     value = jnp.asarray(value)
   dtype = value.dtype
   if dtype == jnp.bool_:
-    return value.astype(jnp.int32), lo, hi
+    return as_int32(value), lo, hi
   unsigned = jnp.issubdtype(dtype, jnp.unsignedinteger)
   if unsigned:
     lo = max(lo, 0)
   if dtype.itemsize <= 4:
-    return value.astype(jnp.int32), lo, hi
+    return as_int32(value), lo, hi
   info = jnp.iinfo(dtype)
   return value, max(lo, int(info.min)), min(hi, int(info.max))
 
@@ -246,7 +246,9 @@ def flush(state):
     # kept any earlier error, so it is right otherwise). Each vector is
     # used once, so that XLA fuses all of it into one kernel.
     site, new = _fold(held.records)
-    word = jnp.where((held.word[0] == 0) & (site != 0), new, word)
+    take = lax.bitwise_and(lax.eq(_slot(held.word, 0), np.int32(0)),
+                           lax.ne(site, np.int32(0)))
+    word = lax.select(lax.broadcast_in_dim(take, word.shape, ()), new, word)
   return dataclasses.replace(state, pending=(), deferred=None).write(
       ERROR_ID, word)
 
@@ -265,8 +267,9 @@ def _fold(pending) -> tuple[jax.Array, jax.Array]:
   slots = [[r.step for r in records]]
   for j in range(_NUM_VALUES):
     slots.append([r.values[j] if j < len(r.values) else 0 for r in records])
-  site = _select_first(bad, [r.site + 1 for r in records], default=0)
-  return site, jnp.stack([site, *(_select_first(bad, items)
+  site = _select_first(bad, [_plus_one(r.site) for r in records], default=0)
+  # lax.stack: every slot is int32 already (jnp.stack would promote).
+  return site, lax.stack([site, *(_select_first(bad, items)
                                   for items in slots)])
 
 
@@ -338,13 +341,23 @@ def _scalar(x: jax.Array) -> jax.Array:
   return x if x.shape == () else lax.reshape(x, ())
 
 
+def _plus_one(site):
+  """``site + 1``; a traced site (picked at run time) with a lax call."""
+  if isinstance(site, (int, np.integer)):
+    return site + 1
+  return lax.add(site, np.int32(1))
+
+
+def _slot(word, i: int):
+  return lax.index_in_dim(word, i, keepdims=False)
+
+
 def _first(word, new, failed):
   """The error of the earlier grid step; the one recorded first on a tie."""
   # lax calls, not jnp operators: this runs at every flush, and each jnp
   # operator on a tracer costs a jitted wrapper while tracing.
-  slot = lambda x, i: lax.index_in_dim(x, i, keepdims=False)
-  keep_old = lax.bitwise_and(lax.ne(slot(word, 0), np.int32(0)),
-                             lax.le(slot(word, 1), slot(new, 1)))
+  keep_old = lax.bitwise_and(lax.ne(_slot(word, 0), np.int32(0)),
+                             lax.le(_slot(word, 1), _slot(new, 1)))
   keep = lax.bitwise_or(keep_old, lax.bitwise_not(failed))
   return lax.select(lax.broadcast_in_dim(keep, word.shape, ()), word, new)
 
@@ -395,7 +408,10 @@ def raise_if_failed(word, sites: Sites, device=None, reporter=True) -> None:
   args = (word,) if device is None else (word, device)
   # The host is called only when an error was recorded: a host callback
   # costs about 2 ms per call on CPU, far more than the checks themselves.
-  lax.cond((word[0] != 0) & reporter,
+  failed = lax.ne(_slot(word, 0), np.int32(0))
+  if reporter is not True:
+    failed = lax.bitwise_and(failed, reporter)
+  lax.cond(failed,
            lambda *a: io_callback(check, None, *a), lambda *a: None, *args)
 
 

@@ -928,7 +928,7 @@ def _eval_all(ctx, state, operands, grid, steps, coords, scalar_handles):
       local, out = eval_index_map(here, local, op, coords_here,
                                   scalar_handles)
       outs.extend(out)
-    table = (jnp.stack([as_int32(o) for o in outs]) if outs
+    table = (lax.stack([as_int32(o) for o in outs]) if outs
              else jnp.zeros((0,), jnp.int32))
     return table, checks.flush(local).buffers.get(checks.ERROR_ID)
 

@@ -17,6 +17,7 @@ import itertools
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -165,13 +166,16 @@ def uninitialized(shape, dtype, fill: str) -> Array:
   The same values as ``pltpu.InterpretParams(uninitialized_memory=...)``.
   """
   dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+  # lax.full, what jnp.full/zeros/ones call after checks that cost more
+  # Python than the fill itself (scratch buffers are filled every step).
+  shape = tuple(shape)
   if fill == "zero":
-    return jnp.zeros(shape, dtype)
+    return lax.full(shape, 0, dtype)
   if dtype == np.bool_:
-    return jnp.ones(shape, dtype)
+    return lax.full(shape, True, dtype)
   if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(
       dtype, jnp.complexfloating):
-    return jnp.full(shape, jnp.nan, dtype)
+    return lax.full(shape, np.nan, dtype)
   if jnp.issubdtype(dtype, jnp.integer):
-    return jnp.full(shape, jnp.iinfo(dtype).max, dtype)
-  return jnp.zeros(shape, dtype)
+    return lax.full(shape, jnp.iinfo(dtype).max, dtype)
+  return lax.full(shape, 0, dtype)
