@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_interpret import errors
+from fast_interpret.state import as_int32
 
 ERROR_ID = -1
 _NUM_VALUES = 6
@@ -134,12 +135,12 @@ class Record:
     # lax calls: JAX's operator overloads are a jitted call each while
     # tracing, and a kernel records hundreds of checks.
     value, lo, hi = _comparable(self.value, self.lo, self.hi)
-    value = value.reshape(())
+    value = _scalar(value)
     bad = lax.bitwise_or(lax.lt(value, np.array(lo, value.dtype)),
                          lax.gt(value, np.array(hi, value.dtype)))
     if self.gate is None:
       return bad
-    return lax.bitwise_and(bad, jnp.asarray(self.gate).reshape(()))
+    return lax.bitwise_and(bad, _scalar(jnp.asarray(self.gate)))
 
 
 def _comparable(value, lo: int, hi: int):
@@ -150,15 +151,16 @@ def _comparable(value, lo: int, hi: int):
   fail, as it must (it exceeds every int32 limit). Wider values (x64) are
   compared in their own dtype, with limits clipped into its range.
   """
-  value = jnp.asarray(value)
+  if not isinstance(value, jax.Array):
+    value = jnp.asarray(value)
   dtype = value.dtype
   if dtype == jnp.bool_:
-    return value.astype(jnp.int32), lo, hi
+    return as_int32(value), lo, hi
   unsigned = jnp.issubdtype(dtype, jnp.unsignedinteger)
   if unsigned:
     lo = max(lo, 0)
   if dtype.itemsize <= 4:
-    return value.astype(jnp.int32), lo, hi
+    return as_int32(value), lo, hi
   info = jnp.iinfo(dtype)
   return value, max(lo, int(info.min)), min(hi, int(info.max))
 
@@ -247,7 +249,9 @@ def flush(state):
     # kept any earlier error, so it is right otherwise). Each vector is
     # used once, so that XLA fuses all of it into one kernel.
     site, new = _fold(held.records)
-    word = jnp.where((held.word[0] == 0) & (site != 0), new, word)
+    take = lax.bitwise_and(lax.eq(_slot(held.word, 0), np.int32(0)),
+                           lax.ne(site, np.int32(0)))
+    word = lax.select(lax.broadcast_in_dim(take, word.shape, ()), new, word)
   return dataclasses.replace(state, pending=(), deferred=None).write(
       ERROR_ID, word)
 
@@ -266,8 +270,9 @@ def _fold(pending) -> tuple[jax.Array, jax.Array]:
   slots = [[r.step for r in records]]
   for j in range(_NUM_VALUES):
     slots.append([r.values[j] if j < len(r.values) else 0 for r in records])
-  site = _select_first(bad, [r.site + 1 for r in records], default=0)
-  return site, jnp.stack([site, *(_select_first(bad, items)
+  site = _select_first(bad, [_plus_one(r.site) for r in records], default=0)
+  # lax.stack: every slot is int32 already (jnp.stack would promote).
+  return site, lax.stack([site, *(_select_first(bad, items)
                                   for items in slots)])
 
 
@@ -327,16 +332,35 @@ def _same(a, b) -> bool:
 
 
 def _int32(x) -> jax.Array:
-  return jnp.asarray(x, jnp.int32).reshape(())
+  return _scalar(as_int32(x))
+
+
+def _scalar(x: jax.Array) -> jax.Array:
+  """``x`` (one element) of shape ().
+
+  Already a scalar, ``x`` itself: ``reshape`` on a scalar tracer records a
+  needless equation, and the fold makes a few per record.
+  """
+  return x if x.shape == () else lax.reshape(x, ())
+
+
+def _plus_one(site):
+  """``site + 1``; a traced site (picked at run time) with a lax call."""
+  if isinstance(site, (int, np.integer)):
+    return site + 1
+  return lax.add(site, np.int32(1))
+
+
+def _slot(word, i: int):
+  return lax.index_in_dim(word, i, keepdims=False)
 
 
 def _first(word, new, failed):
   """The error of the earlier grid step; the one recorded first on a tie."""
   # lax calls, not jnp operators: this runs at every flush, and each jnp
   # operator on a tracer costs a jitted wrapper while tracing.
-  slot = lambda x, i: lax.index_in_dim(x, i, keepdims=False)
-  keep_old = lax.bitwise_and(lax.ne(slot(word, 0), np.int32(0)),
-                             lax.le(slot(word, 1), slot(new, 1)))
+  keep_old = lax.bitwise_and(lax.ne(_slot(word, 0), np.int32(0)),
+                             lax.le(_slot(word, 1), _slot(new, 1)))
   keep = lax.bitwise_or(keep_old, lax.bitwise_not(failed))
   return lax.select(lax.broadcast_in_dim(keep, word.shape, ()), word, new)
 
@@ -422,7 +446,7 @@ def raise_if_failed(word, sites: Sites, device=None, reporter=True,
       raise KernelCheckError(sites.message(
           word, int(rest[0]) if rest else None))
 
-  failed = lax.ne(word[0], np.int32(0))
+  failed = lax.ne(_slot(word, 0), np.int32(0))
   args = (word,)
   if host_check is not None:
     if device is not None:
@@ -433,7 +457,9 @@ def raise_if_failed(word, sites: Sites, device=None, reporter=True,
     args += (device,)
   # The host is called only when an error was recorded: a host callback
   # costs about 2 ms per call on CPU, far more than the checks themselves.
-  lax.cond(lax.bitwise_and(failed, jnp.asarray(reporter)),
+  if reporter is not True:
+    failed = lax.bitwise_and(failed, reporter)
+  lax.cond(failed,
            lambda *a: io_callback(check, None, *a), lambda *a: None, *args)
 
 

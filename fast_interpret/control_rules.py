@@ -25,6 +25,7 @@ a device whose condition is false idles through the rest. Static loops
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -74,7 +75,7 @@ def _run(ctx, state, closed: _jax.ClosedJaxpr, invals, carried, what,
   return new_state, outs
 
 
-def _rematerialised(ctx: RuleContext, ops):
+def _rematerialised(ctx: RuleContext, closed: _jax.ClosedJaxpr, ops):
   """(ctx, ops) for a branch being traced, cheap scalars recomputed in it.
 
   Values in ``ctx.remat`` (program ids) are read again from the schedule's
@@ -82,7 +83,9 @@ def _rematerialised(ctx: RuleContext, ops):
   instead of entering the conditional as operands, each a fusion kernel of
   its own on XLA:CPU (see ``RuleContext.remat``). Not done for loop bodies:
   there the read often feeds an index that does not fuse (paged
-  attention's page loop got one more kernel).
+  attention's page loop got one more kernel). The program ids of ``ctx``
+  are read again only for a branch that asks for one (most take theirs as
+  operands): a read nothing uses is still traced and lowered.
   """
   if not ctx.remat:
     return ctx, ops
@@ -97,9 +100,16 @@ def _rematerialised(ctx: RuleContext, ops):
     return y
 
   new_ops = [again(x) for x in ops]
-  program_ids = tuple(again(p) for p in ctx.program_ids)
+  program_ids = ctx.program_ids
+  if _reads_program_ids(closed.jaxpr):
+    program_ids = tuple(again(p) for p in program_ids)
   return dataclasses.replace(ctx, remat=remat,
                              program_ids=program_ids), new_ops
+
+
+@functools.lru_cache(maxsize=4096)
+def _reads_program_ids(jaxpr: _jax.Jaxpr) -> bool:
+  return _jax.uses_primitives(jaxpr, (_jax.program_id_p, lax.axis_index_p))
 
 
 def _no_remat(ctx: RuleContext) -> RuleContext:
@@ -161,7 +171,7 @@ def _cond_rule(ctx: RuleContext, state: KernelState, index, *ops, branches,
     def branch(buffers):
       sends = [] if hoist else None
       branch_ctx, branch_ops = _rematerialised(
-          _taken(ctx, index, k, len(branches)), ops)
+          _taken(ctx, index, k, len(branches)), closed, ops)
       st, outs = _run(branch_ctx, inner.with_buffers(buffers), closed,
                       branch_ops, carried, "a cond branch", keep_sends=sends)
       if not hoist:

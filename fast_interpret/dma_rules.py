@@ -375,7 +375,7 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
   dst_h, dst_t = _view(dst)
   src_report, dst_report = checks.bounds_report(ctx), checks.bounds_report(ctx)
   value = views.read(state.read(src_h.buffer_id), src_t, src_report,
-                     fill=ctx.oob_fill)
+                     fill=ctx.oob_fill, ranges=ctx.ranges)
   state = checks.record_bounds(ctx, state, src_report, src_h.name,
                                "DMA source")
 
@@ -401,7 +401,7 @@ def _dma_start_rule(ctx: RuleContext, state: KernelState, *flat, tree,
                              dst_report, fill=ctx.oob_fill)
     else:
       _, buf = views.update(state.read(dst_h.buffer_id), dst_t, put,
-                            dst_report, fill=ctx.oob_fill)
+                            dst_report, fill=ctx.oob_fill, ranges=ctx.ranges)
       state = state.write(dst_h.buffer_id, buf)
     state = checks.record_bounds(ctx, state, dst_report, dst_h.name,
                                  "DMA destination")

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from fast_interpret import _jax
 
@@ -48,13 +49,14 @@ def opaque_true(*candidates) -> Any:
   """
   for x in candidates:
     if hasattr(x, "dtype") and getattr(x, "size", 0):
-      first = jnp.ravel(x)[0]
+      # lax calls: jnp indexing and operators are jitted calls while tracing.
+      first = lax.index_in_dim(lax.reshape(x, (x.size,)), 0, keepdims=False)
       width = _jax.itemsize_bits(first.dtype)  # 4 for int4, not 8
       if jnp.issubdtype(first.dtype, jnp.bool_) or width not in (8, 16, 32, 64):
-        bits = first.astype(jnp.int32)
+        bits = lax.convert_element_type(first, jnp.int32)
       else:
         bits = lax.bitcast_convert_type(first, jnp.dtype(f"int{width}"))
-      return lax.population_count(bits) >= 0
+      return lax.ge(lax.population_count(bits), np.array(0, bits.dtype))
   return None
 
 

@@ -161,7 +161,10 @@ def _block_starts(op: Operand, block_indices) -> list[Any]:
                     else idx * size)
     else:
       starts.append(idx)
-  return [jnp.asarray(s, jnp.int32) for s in starts]
+  # A start known while tracing (a block index the same at every step)
+  # stays a NumPy scalar: jnp.asarray of an int is an equation in the loop.
+  return [np.int32(s) if isinstance(s, (int, np.integer))
+          else jnp.asarray(s, jnp.int32) for s in starts]
 
 
 def _bits_dtype(dtype):
@@ -498,7 +501,9 @@ def interpret_pallas_call(
         f"kernel {kernel_name}")
     # As on TPU, an output block goes back to HBM when the next step maps it
     # to another block, or when this core's last step is done.
-    is_last = step == last_step
+    # lax.eq, not ``==``: a jnp operator is a jitted call while tracing.
+    is_last = (step == last_step if isinstance(step, int)
+               and isinstance(last_step, int) else lax.eq(step, last_step))
     state, writes = plan.write_backs(ctx_here, state, step, row, is_last,
                                      flagged)
     for k in written_back:
@@ -544,8 +549,8 @@ def interpret_pallas_call(
       last = jnp.int32(0)
       carry = step_fn(last, carry, last)
     else:
-      last = jnp.asarray(num_steps, jnp.int32) - 1
-      carry = lax.fori_loop(jnp.int32(0), last + 1,
+      last = lax.sub(jnp.asarray(num_steps, jnp.int32), np.int32(1))
+      carry = lax.fori_loop(jnp.int32(0), lax.add(last, np.int32(1)),
                             lambda i, c: step_fn(i, c, last), carry)
     # The last step's write-backs, where the schedule checks them now, then
     # the semaphores the last step left (the order of a step's own checks),

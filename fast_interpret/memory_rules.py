@@ -57,7 +57,8 @@ def _get_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, *idx,
     if key in ctx.reuse:
       return state, ctx.reuse[key][1]
   report = checks.bounds_report(ctx)
-  value = views.read(buf, transforms, report, fill=ctx.oob_fill)
+  value = views.read(buf, transforms, report, fill=ctx.oob_fill,
+                     ranges=ctx.ranges)
   if key is not None:
     ctx.reuse[key] = ((buf, leaves), value)
   return checks.record_bounds(ctx, state, report, ref.name, "load"), value
@@ -71,7 +72,7 @@ def _swap_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, val,
   report = checks.bounds_report(ctx)
   old, buf = views.swap(state.read(ref.buffer_id),
                         _transforms(ref, tree, idx), val, report,
-                        fill=ctx.oob_fill)
+                        fill=ctx.oob_fill, ranges=ctx.ranges)
   state = checks.record_bounds(ctx, state, report, ref.name, "store")
   return state.write(ref.buffer_id, buf), old
 
@@ -83,7 +84,7 @@ def _addupdate_rule(ctx: RuleContext, state: KernelState, ref: RefHandle, val,
   _check_direct_access(ctx, ref, "an accumulate")
   report = checks.bounds_report(ctx)
   buf = views.add(state.read(ref.buffer_id), _transforms(ref, tree, idx), val,
-                  report, fill=ctx.oob_fill)
+                  report, fill=ctx.oob_fill, ranges=ctx.ranges)
   state = checks.record_bounds(ctx, state, report, ref.name, "accumulate")
   return state.write(ref.buffer_id, buf), []
 
@@ -101,7 +102,7 @@ def _masked_load_rule(ctx: RuleContext, state: KernelState, *flat, args_tree,
   report = checks.bounds_report(ctx)
   value = views.read(state.read(ref.buffer_id),
                      ref.transforms + tuple(transforms or ()), report,
-                     fill=ctx.oob_fill)
+                     fill=ctx.oob_fill, ranges=ctx.ranges)
   state = checks.record_bounds(ctx, state, report, ref.name, "masked load")
   if mask is None:
     return state, value
@@ -120,10 +121,11 @@ def _masked_swap_rule(ctx: RuleContext, state: KernelState, *flat, args_tree,
   buf = state.read(ref.buffer_id)
   report = checks.bounds_report(ctx)
   if mask is None:
-    old, buf = views.swap(buf, transforms, val, report, fill=ctx.oob_fill)
+    old, buf = views.swap(buf, transforms, val, report, fill=ctx.oob_fill,
+                          ranges=ctx.ranges)
   else:
     old, buf = views.masked_swap(buf, transforms, val, mask, report,
-                                 fill=ctx.oob_fill)
+                                 fill=ctx.oob_fill, ranges=ctx.ranges)
   state = checks.record_bounds(ctx, state, report, ref.name, "masked store")
   return state.write(ref.buffer_id, buf), old
 

@@ -33,6 +33,7 @@ checks stay.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from jax import lax
@@ -190,7 +191,12 @@ def _is_int_scalar(x) -> bool:
 
 
 def _dtype_limits(x) -> tuple[int, int]:
-  dtype = np.dtype(x.dtype)
+  return _limits_of(np.dtype(x.dtype))
+
+
+@functools.cache
+def _limits_of(dtype: np.dtype) -> tuple[int, int]:
+  # Cached: np.iinfo takes longer than the rest of a range lookup.
   if dtype == np.bool_:
     return 0, 1
   info = np.iinfo(dtype)

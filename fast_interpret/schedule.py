@@ -44,7 +44,7 @@ import numpy as np
 from fast_interpret import _jax
 from fast_interpret import checks
 from fast_interpret import interpreter
-from fast_interpret.state import KernelState
+from fast_interpret.state import KernelState, as_int32
 
 # A table row costs 4 bytes per column; beyond this many steps the table
 # would outweigh what it saves, and index maps are evaluated per step.
@@ -232,15 +232,15 @@ class TableSchedule:
       # An output's block goes back to HBM when the next step maps it to
       # another block, and at each core's last step.
       padded = _padded_blocks(xp, blocks, starts, outputs)
-      changed = xp.any(padded[:-1] != padded[1:], axis=2)
-      writes = xp.concatenate([changed, xp.ones((1, len(outputs)), bool)],
-                              axis=0) | last_of_core[:, None]
-      columns.append(writes.astype(np.int32))
+      writes = _write_flags(xp, padded, last_of_core)
+      columns.append(writes.astype(np.int32) if xp is np
+                     else lax.convert_element_type(writes, np.int32))
       start = coords.shape[1] + starts[-1]
       write_cols = {k: start + i for i, k in enumerate(outputs)}
     state = _check_table(ctx, state, operands, blocks, starts, outputs,
                          padded, writes, check_revisits, xp)
-    table = xp.concatenate([xp.asarray(c, np.int32) for c in columns], axis=1)
+    table = (np.concatenate(columns, axis=1) if xp is np
+             else lax.concatenate([as_int32(c) for c in columns], 1))
     return cls(table, coords.shape[1], index_cols, write_cols), state
 
   def static_rows(self) -> StaticRows | None:
@@ -261,26 +261,65 @@ class TableSchedule:
       row = [int(v) for v in self._table[step]]
       return state, self._row(row)
     table = self._table
+    if isinstance(table, np.ndarray):
+      table = jnp.asarray(table)  # One constant for every read below.
+    width = table.shape[1]
 
+    # lax.dynamic_slice, not dynamic_index_in_dim (a jitted call while
+    # tracing, with a jaxpr of its own to lower). Steps are never negative:
+    # no index wrap-around (a compare, add and select, copied into every
+    # fusion that reads the row).
     def read_row():
-      # Steps are never negative: no index wrap-around (a compare, add and
-      # select, copied into every fusion that reads the row).
-      return lax.dynamic_index_in_dim(jnp.asarray(table), step,
-                                      keepdims=False,
-                                      allow_negative_indices=False)
+      return lax.squeeze(
+          lax.dynamic_slice(table, (step, 0), (1, width),
+                            allow_negative_indices=False), (0,))
 
+    def read_entry(d):
+      return lax.reshape(
+          lax.dynamic_slice(table, (step, np.int32(d)), (1, 1),
+                            allow_negative_indices=False), ())
+
+    if not isinstance(self._table, np.ndarray):
+      return state, self._row(read_row())
     # Only a constant table is read again inside a branch: a table computed
     # at run time would enter every such branch as an operand, which XLA
     # may copy (paged attention ran 2.5x slower per call).
-    coord_fn = ((lambda d: read_row()[d])
-                if isinstance(table, np.ndarray) else None)
-    return state, self._row(read_row(), coord_fn)
+    return state, self._row(read_row(), read_entry, self._fixed_columns())
 
-  def _row(self, row, coord_fn=None) -> Row:
-    coords = tuple(row[d] for d in range(self._num_coords))
-    indices = [tuple(row[c] for c in range(s.start, s.stop))
+  def _fixed_columns(self) -> dict[int, int]:
+    """Block-index and write-flag columns of a constant table that hold
+    one value at every step, and that value.
+
+    Those entries are ints, as known while tracing: half the block indices
+    of the attention kernels (a head-dimension block, an operand's whole
+    window). Coordinates stay traced: conditionals recognise program ids by
+    identity (``RuleContext.remat``).
+    """
+    t = self._table
+    same = np.all(t == t[:1], axis=0)
+    return {int(c): int(t[0, c]) for c in np.flatnonzero(same)
+            if c >= self._num_coords}
+
+  def _row(self, row, coord_fn=None, fixed=None) -> Row:
+    """The Row of one step's table row: a list of ints, or a traced vector
+    (``fixed``: the columns known while tracing, ``_fixed_columns``).
+
+    A traced row's entries are taken with ``lax`` calls: ``row[c]`` and
+    ``row[c] > 0`` are jitted wrappers each while tracing.
+    """
+    if isinstance(row, list):
+      entry, positive = row.__getitem__, lambda x: x > 0
+    else:
+      fixed = fixed or {}
+      entries = {**_entries(row, [c for c in range(row.shape[0])
+                                  if c not in fixed]), **fixed}
+      entry = entries.__getitem__
+      positive = lambda x: (x > 0 if isinstance(x, int)
+                            else lax.gt(x, np.int32(0)))
+    coords = tuple(entry(d) for d in range(self._num_coords))
+    indices = [tuple(entry(c) for c in range(s.start, s.stop))
                for s in self._index_cols]
-    writes = {k: row[c] > 0 for k, c in self._write_cols.items()}
+    writes = {k: positive(entry(c)) for k, c in self._write_cols.items()}
     return Row(coords, indices, writes, coord_fn)
 
   def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
@@ -293,6 +332,28 @@ class TableSchedule:
     if flagged is None:
       return state, row.writes
     return state, {k: w for k, w in row.writes.items() if k in flagged}
+
+
+def _entries(row, columns: list[int]) -> dict[int, Any]:
+  """``{c: row[c]}`` (scalars) for the increasing ``columns`` of ``row``.
+
+  One ``lax.split`` of the row and a reshape per entry: half the equations
+  of a slice and a squeeze per entry, for the same slices in the HLO.
+  """
+  if not columns:
+    return {}
+  sizes, pieces, end = [], [], 0
+  for c in columns:
+    if c > end:  # Columns between: a piece nothing reads.
+      sizes.append(c - end)
+    pieces.append(len(sizes))
+    sizes.append(1)
+    end = c + 1
+  if end < row.shape[0]:
+    sizes.append(row.shape[0] - end)
+  parts = lax.split(row, sizes)
+  return {c: lax.reshape(parts[k], ()) for c, k in zip(columns, pieces,
+                                                      strict=True)}
 
 
 class StepwiseSchedule:
@@ -543,9 +604,34 @@ def _padded_blocks(xp, blocks, starts, outputs):
   cols = np.asarray([list(range(starts[k], starts[k + 1]))
                      + [zero] * (width - starts[k + 1] + starts[k])
                      for k in outputs], np.int32).reshape(len(outputs), width)
-  with_zero = xp.concatenate(
-      [blocks, xp.zeros((blocks.shape[0], 1), np.int32)], axis=1)
-  return with_zero[:, cols]
+  zeros = np.zeros((blocks.shape[0], 1), np.int32)
+  if xp is np:
+    return np.concatenate([blocks, zeros], axis=1)[:, cols]
+  with_zero = lax.concatenate([blocks, zeros], 1)
+  return lax.gather(
+      with_zero, cols[..., None],
+      lax.GatherDimensionNumbers(offset_dims=(0,), collapsed_slice_dims=(1,),
+                                 start_index_map=(1,)),
+      slice_sizes=(blocks.shape[0], 1),
+      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _write_flags(xp, padded, last_of_core):
+  """[num_steps, outputs] bool: the output's block goes back to HBM here.
+
+  That is when the next step maps the output to another block, at the
+  last step, and at each core's last step. ``padded``: ``_padded_blocks``.
+  """
+  ends = np.ones((1, padded.shape[1]), bool)
+  if xp is np:
+    changed = np.any(padded[:-1] != padded[1:], axis=2)
+    return np.concatenate([changed, ends], axis=0) | last_of_core[:, None]
+  n = padded.shape[0]
+  changed = lax.reduce_or(lax.ne(lax.slice_in_dim(padded, 0, n - 1),
+                                 lax.slice_in_dim(padded, 1, n)), (2,))
+  flags = lax.concatenate([changed, ends], 0)
+  return lax.bitwise_or(flags, lax.broadcast_in_dim(last_of_core, flags.shape,
+                                                    (0,)))
 
 
 def _check_table(ctx, state, operands, blocks, starts, outputs, padded,
@@ -587,16 +673,21 @@ def _check_table(ctx, state, operands, blocks, starts, outputs, padded,
         lo[cols] = 0
         hi[cols] = np.asarray(block_limits(op)) - 1
       reports.extend([(_block_index_template(op), cols)] * len(cols))
-    parts.append((blocks < lo) | (blocks > hi))
+    if xp is np:
+      parts.append((blocks < lo) | (blocks > hi))
+    else:
+      row = lambda v: lax.broadcast_in_dim(v, blocks.shape, (1,))
+      parts.append(lax.bitwise_or(lax.lt(blocks, row(lo)),
+                                  lax.gt(blocks, row(hi))))
   if revisited:
     parts.append(_revisits(xp, operands, outputs, padded, writes,
                            revisited))
     reports.extend((_revisit_template(operands[outputs[i]]),
                     list(range(starts[outputs[i]], starts[outputs[i] + 1])))
                    for i in revisited)
-  bad = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
-  num_checks = bad.shape[1]
+  num_checks = sum(p.shape[1] for p in parts)
   if xp is np:
+    bad = np.concatenate(parts, axis=1)
     failing = np.flatnonzero(bad)
     if failing.size:
       step, col = divmod(int(failing[0]), num_checks)
@@ -614,25 +705,32 @@ def _check_table(ctx, state, operands, blocks, starts, outputs, padded,
   value_cols = np.asarray(
       [[cols[min(j, len(cols) - 1)] if cols else 0
         for j in range(num_values)] for _, cols in reports], np.int32)
+  # lax calls throughout: jnp operators and lax.dynamic_index_in_dim are
+  # jitted calls while tracing, each traced afresh in a new process.
+  bad = parts[0] if len(parts) == 1 else lax.concatenate(parts, 1)
   size = bad.size
   first = lax.reduce_min(
-      lax.select(bad.reshape(-1), lax.iota(jnp.int32, size),
+      lax.select(lax.reshape(bad, (size,)), lax.iota(jnp.int32, size),
                  lax.full((size,), size, jnp.int32)), (0,))
   col = lax.rem(first, np.int32(num_checks))
   step = lax.div(first, np.int32(num_checks))
-  site = lax.dynamic_index_in_dim(
-      np.asarray([site_of[t] for t, _ in reports], np.int32), col,
-      keepdims=False)
+  site = _at(np.asarray([site_of[t] for t, _ in reports], np.int32), col)
   values = []
   if num_values:
-    row = lax.dynamic_index_in_dim(blocks, step, keepdims=False)
-    picked = _gather(row, lax.dynamic_index_in_dim(value_cols, col,
-                                                   keepdims=False))
+    picked = _gather(_at(blocks, step), _at(value_cols, col))
     values = [lax.index_in_dim(picked, j, keepdims=False)
               for j in range(num_values)]
   state = checks.add_records(state, [checks.Record(
-      site, step, tuple(values), first < size)])
+      site, step, tuple(values), lax.lt(first, np.int32(size)))])
   return checks.flush(state)
+
+
+def _at(x, i):
+  """``x[i]`` along the first axis, for a traced ``i`` that is never
+  negative (a step past the end clamps, as ``dynamic_slice`` does)."""
+  return lax.squeeze(lax.dynamic_slice_in_dim(x, i, 1,
+                                              allow_negative_indices=False),
+                     (0,))
 
 
 def _gather(vector, positions):
@@ -672,26 +770,42 @@ def _revisits(xp, operands, outputs, padded, writes, revisited):
     base += math.prod(shape)
   # A block outside the array (reported as such, or not checked) is no
   # visit of the edge block its index clips to.
-  inside = xp.all((padded >= 0) & (padded < counts), axis=2)
-  write = writes & inside
-  key = (xp.sum(xp.clip(padded, 0, counts - 1) * strides, axis=2)
-         + np.asarray(bases, np.int32)).astype(np.int32)
+  bases = np.asarray(bases, np.int32)
+  if xp is np:
+    inside = np.all((padded >= 0) & (padded < counts), axis=2)
+    key = (np.sum(np.clip(padded, 0, counts - 1) * strides, axis=2)
+           + bases).astype(np.int32)
+    write = writes & inside
+  else:
+    # lax calls: jnp operators are jitted calls while tracing.
+    per_block = lambda v: lax.broadcast_in_dim(v, padded.shape, (1, 2))
+    inside = lax.reduce_and(
+        lax.bitwise_and(lax.ge(padded, np.int32(0)),
+                        lax.lt(padded, per_block(counts))), (2,))
+    clipped = lax.clamp(np.int32(0), padded, per_block(counts - 1))
+    key = lax.add(
+        lax.reduce(lax.mul(clipped, per_block(strides)), np.int32(0),
+                   lax.add, (2,)),
+        lax.broadcast_in_dim(bases, inside.shape, (1,)))
+    write = lax.bitwise_and(writes, inside)
   # Step-major: a flat position's order is its step's order.
   shape = key.shape
-  key, write = key.reshape(-1), write.reshape(-1)
-  size = key.shape[0]
+  size = math.prod(shape)
+  key, write = ((key.reshape(size), write.reshape(size)) if xp is np
+                else (lax.reshape(key, (size,)), lax.reshape(write, (size,))))
   if xp is jnp and base <= _MAX_SCATTER_BLOCKS:
     # At run time a scatter-min (each block's first write-back position) and
     # a gather are far cheaper to compile than a sort.
     positions = lax.iota(jnp.int32, size)
     first = lax.scatter_min(
-        lax.full((base,), size, jnp.int32), key[:, None],
+        lax.full((base,), size, jnp.int32), lax.expand_dims(key, (1,)),
         lax.select(write, positions, lax.full((size,), size, jnp.int32)),
         lax.ScatterDimensionNumbers(update_window_dims=(),
                                     inserted_window_dims=(0,),
                                     scatter_dims_to_operand_dims=(0,)),
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-    return (write & (_gather(first, key) != positions)).reshape(shape)
+    return lax.reshape(lax.bitwise_and(
+        write, lax.ne(_gather(first, key), positions)), shape)
   # Positions that write nothing get distinct keys that no block has.
   key = xp.where(write, key, -1 - xp.arange(size, dtype=np.int32))
   order = (np.argsort(key, kind="stable") if xp is np
@@ -814,7 +928,7 @@ def _eval_all(ctx, state, operands, grid, steps, coords, scalar_handles):
       local, out = eval_index_map(here, local, op, coords_here,
                                   scalar_handles)
       outs.extend(out)
-    table = (jnp.stack([jnp.asarray(o, jnp.int32) for o in outs]) if outs
+    table = (lax.stack([as_int32(o) for o in outs]) if outs
              else jnp.zeros((0,), jnp.int32))
     return table, checks.flush(local).buffers.get(checks.ERROR_ID)
 

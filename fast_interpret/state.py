@@ -17,6 +17,7 @@ import itertools
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -143,19 +144,38 @@ def storage_dtype(aval) -> np.dtype:
   return aval.dtype
 
 
+def as_int32(x) -> Array:
+  """``jnp.asarray(x, jnp.int32)``, free for what already is an int32 array.
+
+  ``jnp.asarray`` is tens of microseconds of Python per call while tracing,
+  and the index arithmetic of a kernel converts scalars by the hundred. An
+  int becomes a NumPy int32: ``jnp.asarray`` of an int is an equation of
+  its own inside the grid loop.
+  """
+  if (isinstance(x, jax.Array) and x.dtype == np.int32
+      and not x.weak_type):
+    return x
+  if isinstance(x, (int, np.integer)):
+    return np.int32(x)
+  return jnp.asarray(x, jnp.int32)
+
+
 def uninitialized(shape, dtype, fill: str) -> Array:
   """A buffer the kernel has not written yet: NaN/int max/True, or zeros.
 
   The same values as ``pltpu.InterpretParams(uninitialized_memory=...)``.
   """
   dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+  # lax.full, what jnp.full/zeros/ones call after checks that cost more
+  # Python than the fill itself (scratch buffers are filled every step).
+  shape = tuple(shape)
   if fill == "zero":
-    return jnp.zeros(shape, dtype)
+    return lax.full(shape, 0, dtype)
   if dtype == np.bool_:
-    return jnp.ones(shape, dtype)
+    return lax.full(shape, True, dtype)
   if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(
       dtype, jnp.complexfloating):
-    return jnp.full(shape, jnp.nan, dtype)
+    return lax.full(shape, np.nan, dtype)
   if jnp.issubdtype(dtype, jnp.integer):
-    return jnp.full(shape, jnp.iinfo(dtype).max, dtype)
-  return jnp.zeros(shape, dtype)
+    return lax.full(shape, jnp.iinfo(dtype).max, dtype)
+  return lax.full(shape, 0, dtype)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_interpret import _jax
-from fast_interpret.state import uninitialized
+from fast_interpret.state import as_int32, uninitialized
 
 Array = Any
 
@@ -122,7 +122,8 @@ def _dynamic_if(value, other):
   return value
 
 
-def _strided_read(x: Array, indexer, fill=None) -> Array | None:
+def _strided_read(x: Array, indexer, fill=None, ranges=None
+                  ) -> Array | None:
   """Slices, strided slices and scalars, one dimension at a time, clamped.
 
   With ``fill``, elements outside the buffer read as the uninitialised value.
@@ -139,7 +140,7 @@ def _strided_read(x: Array, indexer, fill=None) -> Array | None:
       if fill is not None:
         x = jnp.where((i >= 0) & (i < size), x, _fill_value(x, fill))
     elif idx.stride == 1 and fill is None:
-      start, = _index_args([idx.start], [size])
+      start, = _index_args([idx.start], [size], ranges)
       x = lax.dynamic_slice_in_dim(x, start, idx.size, dim,
                                    allow_negative_indices=False)
     else:
@@ -264,12 +265,13 @@ def _padded_for_arrays(x: Array, indexer, fill: str):
                                      shape=padded.shape)
 
 
-def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
+def _index_read(x: Array, indexer, report=None, fill=None, ranges=None
+                ) -> Array:
   indexer = _normalized(indexer, x.shape)
   _bounds(x.shape, indexer, report)
   window = _as_window(indexer)
   if window is None:
-    y = _strided_read(x, indexer, fill)
+    y = _strided_read(x, indexer, fill, ranges)
     if y is not None:
       return y
     if fill is None:
@@ -292,12 +294,13 @@ def _index_read(x: Array, indexer, report=None, fill=None) -> Array:
       y = lax.slice(x, static, [s + n for s, n in zip(static, sizes,
                                                       strict=True)])
   else:
-    y = lax.dynamic_slice(x, _index_args(starts, x.shape), sizes,
+    y = lax.dynamic_slice(x, _index_args(starts, x.shape, ranges), sizes,
                           allow_negative_indices=False)
   return lax.squeeze(y, squeeze) if squeeze else y
 
 
-def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
+def _index_write(x: Array, indexer, val: Array, fill=None, ranges=None
+                 ) -> Array:
   # Bounds were reported when the view was read on the way in.
   indexer = _normalized(indexer, x.shape)
   window = _as_window(indexer)
@@ -316,15 +319,17 @@ def _index_write(x: Array, indexer, val: Array, fill=None) -> Array:
   if fill is not None and _maybe_outside(starts, sizes, x.shape):
     return filled_window_write(x, starts, sizes, val, fill)
   return lax.dynamic_update_slice(x, val.astype(x.dtype),
-                                  _index_args(starts, x.shape),
+                                  _index_args(starts, x.shape, ranges),
                                   allow_negative_indices=False)
 
 
-def _index_args(starts, shape):
+def _index_args(starts, shape, ranges=None):
   """int32 start indices, a negative one counted from the end.
 
   As ``lax.dynamic_slice`` would count it, but with ``lax`` calls: its
   ``i < 0`` on a traced index is a jitted call of its own while tracing.
+  A start that ``ranges`` (a ``ranges.Ranges``, or None) shows is never
+  negative needs no such compare, add and select.
   """
   args = []
   for s, d in zip(starts, shape, strict=True):
@@ -332,7 +337,11 @@ def _index_args(starts, shape):
     if static is not None:
       args.append(np.int32(static + d if static < 0 else static))
       continue
-    i = jnp.asarray(s, jnp.int32)
+    # A weakly typed int32 index serves as it is (no conversion equation).
+    i = s if getattr(s, "dtype", None) == np.int32 else as_int32(s)
+    if ranges is not None and ranges.within(s, 0, _INT32_MAX):
+      args.append(i)
+      continue
     args.append(lax.select(lax.lt(i, np.int32(0)), lax.add(i, np.int32(d)),
                            i))
   return args
@@ -408,11 +417,12 @@ def dynamic_size_fraction(transforms):
   return num, den
 
 
-def _forward(x: Array, transform, report=None, fill=None) -> Array:
+def _forward(x: Array, transform, report=None, fill=None, ranges=None
+             ) -> Array:
   if isinstance(transform, _jax.NDIndexer):
     if any(_is_dynamic_size(i) for i in transform.indices):
       return _dynamic_size_read(x, transform, report)
-    return _index_read(x, transform, report, fill)
+    return _index_read(x, transform, report, fill, ranges)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(x, transform.dtype)
   if isinstance(transform, _jax.ReshapeTransform):
@@ -424,11 +434,12 @@ def _forward(x: Array, transform, report=None, fill=None) -> Array:
       f"fast_interpret: unsupported feature: ref transform {transform!r}")
 
 
-def _backward(x: Array, transform, new_view: Array, fill=None) -> Array:
+def _backward(x: Array, transform, new_view: Array, fill=None, ranges=None
+              ) -> Array:
   if isinstance(transform, _jax.NDIndexer):
     if any(_is_dynamic_size(i) for i in transform.indices):
       return _dynamic_size_write(x, transform, new_view)
-    return _index_write(x, transform, new_view, fill)
+    return _index_write(x, transform, new_view, fill, ranges)
   if isinstance(transform, _jax.BitcastTransform):
     return _jax.ref_bitcast(new_view, x.dtype).reshape(x.shape)
   if isinstance(transform, _jax.ReshapeTransform):
@@ -440,35 +451,38 @@ def _backward(x: Array, transform, new_view: Array, fill=None) -> Array:
       f"fast_interpret: unsupported feature: ref transform {transform!r}")
 
 
-def read(buf: Array, transforms, report=None, *, fill=None) -> Array:
+def read(buf: Array, transforms, report=None, *, fill=None, ranges=None
+         ) -> Array:
   """The value of the view ``buf[transforms]``.
 
   If ``report`` is a list, a bounds record is appended for every indexer
   (see ``_bounds``). ``fill`` (``"nan"``/``"zero"``, or None to clamp) is
   what elements outside the buffer read as (see the module docstring).
+  ``ranges`` (a ``ranges.Ranges``, or None) tells which traced starts are
+  never negative, and so need no wrap-around (``_index_args``).
   """
   for t in transforms:
-    buf = _forward(buf, t, report, fill)
+    buf = _forward(buf, t, report, fill, ranges)
   return buf
 
 
 def update(buf: Array, transforms, fn: Callable[[Array], tuple[Any, Array]],
-           report=None, *, fill=None) -> tuple[Any, Array]:
+           report=None, *, fill=None, ranges=None) -> tuple[Any, Array]:
   """Replaces the view by ``fn(view)[1]``; returns ``(fn(view)[0], buf')``.
 
   With ``fill``, parts of the view outside the buffer read as the
-  uninitialised value and are not written.
+  uninitialised value and are not written. ``ranges`` as for ``read``.
   """
   if not transforms:
     return fn(buf)
   head, rest = transforms[0], transforms[1:]
-  sub = _forward(buf, head, report, fill)
-  out, new_sub = update(sub, rest, fn, report, fill=fill)
-  return out, _backward(buf, head, new_sub, fill)
+  sub = _forward(buf, head, report, fill, ranges)
+  out, new_sub = update(sub, rest, fn, report, fill=fill, ranges=ranges)
+  return out, _backward(buf, head, new_sub, fill, ranges)
 
 
-def swap(buf: Array, transforms, val: Array, report=None, *, fill=None
-         ) -> tuple[Array, Array]:
+def swap(buf: Array, transforms, val: Array, report=None, *, fill=None,
+         ranges=None) -> tuple[Array, Array]:
   """Writes ``val`` into the view; returns (old view value, new buffer)."""
   def fn(view):
     if view.shape != val.shape:
@@ -476,22 +490,22 @@ def swap(buf: Array, transforms, val: Array, report=None, *, fill=None
           f"fast_interpret: store of shape {val.shape} into a view of shape "
           f"{view.shape}")
     return view, val.astype(view.dtype)
-  return update(buf, transforms, fn, report, fill=fill)
+  return update(buf, transforms, fn, report, fill=fill, ranges=ranges)
 
 
-def masked_swap(buf, transforms, val, mask, report=None, *, fill=None
-                ) -> tuple[Array, Array]:
+def masked_swap(buf, transforms, val, mask, report=None, *, fill=None,
+                ranges=None) -> tuple[Array, Array]:
   """Writes ``val`` where ``mask`` is true; returns (old view, new buffer)."""
   def fn(view):
     m = jnp.broadcast_to(mask, view.shape)
     return view, jnp.where(m, jnp.broadcast_to(val, view.shape).astype(
         view.dtype), view)
-  return update(buf, transforms, fn, report, fill=fill)
+  return update(buf, transforms, fn, report, fill=fill, ranges=ranges)
 
 
-def add(buf: Array, transforms, val: Array, report=None, *, fill=None
-        ) -> Array:
+def add(buf: Array, transforms, val: Array, report=None, *, fill=None,
+        ranges=None) -> Array:
   """Adds ``val`` into the view; returns the new buffer."""
   _, new = update(buf, transforms, lambda view: (None, view + val), report,
-                  fill=fill)
+                  fill=fill, ranges=ranges)
   return new
