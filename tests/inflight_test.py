@@ -238,6 +238,36 @@ class ReadBeforeWaitTest(chex.TestCase):
     np.testing.assert_array_equal(out, expected)
 
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*MODES)
+  def test_wait_lands_only_copies_on_its_own_semaphore_array(self, mode):
+    """Two semaphore arrays (one buffer when checked): a wait on one lands
+    its own copy, not the copy in flight on the other."""
+    x = _data((16, 128), seed=8)
+
+    def kernel(x_hbm, o_ref, buf, sem_a, sems_b):
+      buf[...] = jnp.zeros(buf.shape, buf.dtype)
+      first = pltpu.make_async_copy(x_hbm.at[pl.ds(0, 8)], buf.at[0], sem_a)
+      second = pltpu.make_async_copy(x_hbm.at[pl.ds(8, 8)], buf.at[1],
+                                     sems_b.at[1])
+      first.start()
+      second.start()
+      second.wait()
+      o_ref[0] = buf[0]  # Its copy not waited for yet.
+      o_ref[1] = buf[1]
+      first.wait()
+      o_ref[2] = buf[0]
+
+    out = np.asarray(self.variant(lambda x: _call(
+        kernel, _sds((3, 8, 128)), x, in_specs=[ANY], out_specs=VMEM,
+        scratch_shapes=[pltpu.VMEM((2, 8, 128), jnp.float32), DMA(()),
+                        DMA((2,))],
+        interpret=_params(mode)))(x))
+    h = np.asarray(x)
+    stale = h[:8] if mode == "eager" else np.zeros_like(h[:8])
+    np.testing.assert_array_equal(out, np.stack([stale, h[8:], h[:8]]))
+
+
 class CorrectKernelsTest(chex.TestCase):
   """Kernels that wait before reading give the same answer in both modes."""
 
