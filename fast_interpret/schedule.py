@@ -393,10 +393,33 @@ class StepwiseSchedule:
             math.prod(revisit_grid(op)))
         self._previous[k] = ctx.fresh_buffer_id()
         self.buffers[self._previous[k]] = jnp.int32(-1)
+    # With one core (no per-core copies to keep apart), the scalars of every
+    # checked output live in one int32 vector (``_Packed``) when the
+    # tables are bit sets of one word: one carried buffer, updated by one
+    # fused kernel, where separate scalars cost a copy each at the top of
+    # the loop body (the old value is read after the new one is made).
+    self._packed = None
+    if (last_after_loop and self._previous
+        and all(self.buffers[v].shape == () for v in self.visited.values())):
+      self._packed = _Packed(ctx.fresh_buffer_id(), self._previous,
+                             self.visited)
+      self.buffers = {self._packed.buffer_id: self._packed.initial()}
+
+  def _read(self, state, slot_id):
+    if self._packed is None:
+      return state.read(slot_id)
+    return self._packed.read(state, slot_id)
+
+  def _write(self, state, slot_id, value):
+    if self._packed is None:
+      return state.write(slot_id, value)
+    return self._packed.write(state, slot_id, value)
 
   @property
   def private_ids(self) -> set[int]:
     """Ids in ``buffers`` that each simulated core holds its own copy of."""
+    if self._packed is not None:
+      return set()
     return set(self._previous.values())
 
   def static_rows(self) -> None:
@@ -446,11 +469,11 @@ class StepwiseSchedule:
     ours = state.pending[num_pending:]
     state = dataclasses.replace(state, pending=state.pending[:num_pending])
     for k, prev_id in self._previous.items():
-      previous = state.read(prev_id)
+      previous = self._read(state, prev_id)
       key = _block_key(self._operands[k], indices[k])
       state = self._check_revisit(ctx, state, step - 1, k, previous,
                                   previous != key)
-      state = state.write(prev_id, key)
+      state = self._write(state, prev_id, key)
     return dataclasses.replace(state, pending=(*state.pending, *ours))
 
   def finish(self, ctx, state, last_step):
@@ -459,7 +482,7 @@ class StepwiseSchedule:
       return state
     for k, prev_id in self._previous.items():
       state = self._check_revisit(ctx, state, last_step, k,
-                                  state.read(prev_id), True)
+                                  self._read(state, prev_id), True)
     return checks.flush(state)
 
   def write_backs(self, ctx, state, step, row: Row, is_last, flagged=None):
@@ -496,7 +519,7 @@ class StepwiseSchedule:
     (none, or outside the array) is no visit.
     """
     op = self._operands[k]
-    visited = state.read(self.visited[k])
+    visited = self._read(state, self.visited[k])
     write = write & (key >= 0)
     if visited.dtype == jnp.int32:
       # A bit set: scalar code, which XLA fuses with the step's other
@@ -520,7 +543,40 @@ class StepwiseSchedule:
                       np.int32(n)) for d, n in enumerate(shape)]
     state = checks.record(state, ctx.sites, step, write & seen,
                           _revisit_template(op), values)
-    return state.write(self.visited[k], new)
+    return self._write(state, self.visited[k], new)
+
+
+class _Packed:
+  """The revisit check's scalars (see ``StepwiseSchedule``) in one vector.
+
+  Each scalar buffer id of the schedule (an output's previous block, or
+  its one-word bit set) names a slot of one carried int32 vector: the
+  previous blocks first, then the bit sets.
+  """
+
+  def __init__(self, buffer_id: int, previous: dict[int, int],
+               visited: dict[int, int]):
+    self.buffer_id = buffer_id
+    self._slots = {b: i for i, b in enumerate(
+        [*previous.values(), *visited.values()])}
+    self._num_previous = len(previous)
+
+  def initial(self):
+    """No previous block (-1), no block visited (0)."""
+    return jnp.asarray(np.array(
+        [-1] * self._num_previous + [0] * (len(self._slots)
+                                           - self._num_previous), np.int32))
+
+  def read(self, state, slot_id):
+    return lax.index_in_dim(state.read(self.buffer_id), self._slots[slot_id],
+                            keepdims=False)
+
+  def write(self, state, slot_id, value):
+    vector, i = state.read(self.buffer_id), self._slots[slot_id]
+    value = lax.broadcast(jnp.asarray(value, jnp.int32), (1,))
+    return state.write(self.buffer_id, lax.concatenate(
+        [lax.slice_in_dim(vector, 0, i), value,
+         lax.slice_in_dim(vector, i + 1, vector.shape[0])], 0))
 
 
 def _visited_table(num_blocks: int):

@@ -533,6 +533,60 @@ class StepwiseRevisitTest(parameterized.TestCase):
         Exception, r"fast_interpret: semaphore: .* is left at 1.*grid step 5\)"):
       self._run([0, 0, 1, 2, 3, 3], [5] * 6, num_cores, signal_last=True)
 
+  def _run_two(self, blocks_a, blocks_b, num_cores):
+    """Two outputs, each at the blocks its table names, one core or two."""
+    def kernel(a_ref, b_ref, x_ref, o_ref, q_ref):
+      a_ref[0] = a_ref[0]
+      o_ref[...] = x_ref[...]
+      q_ref[...] = x_ref[...] + 1.0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(2, 3),
+        in_specs=[pl.BlockSpec((8, LANES), lambda i, j, a, b: (0, 0))],
+        out_specs=[
+            pl.BlockSpec((8, LANES), lambda i, j, a, b: (a[3 * i + j], 0)),
+            pl.BlockSpec((8, LANES), lambda i, j, a, b: (b[3 * i + j], 0))])
+    call = pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct((32, LANES), jnp.float32)] * 2,
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary")),
+        interpret=FI(num_cores_or_threads=num_cores))
+    with mock.patch.object(schedule.TableSchedule, "build",
+                           side_effect=AssertionError("not per step")):
+      return jax.block_until_ready(
+          jax.jit(call)(_i32(*blocks_a), _i32(*blocks_b), X))
+
+  @parameterized.parameters(
+      # Each output's own walk decides; the earlier step wins, the first
+      # output on a tie (its check comes first in the step).
+      ([0, 0, 1, 1, 2, 0], [0, 1, 2, 3, 2, 1], 1),
+      ([0, 1, 2, 3, 2, 1], [0, 0, 1, 1, 2, 0], 1),
+      ([0, 1, 0, 2, 3, 3], [0, 1, 1, 0, 2, 3], 1),
+      ([0, 1, 1, 0, 2, 3], [0, 1, 0, 2, 3, 3], 1),
+      ([0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 2, 0], 1),
+      ([0, 1, 2, 3, 3, 3], [3, 2, 1, 0, 0, 0], 1),
+      ([0, 1, 0, 1, 2, 3], [0, 1, 2, 0, 3, 3], 2),
+      ([0, 1, 2, 2, 3, 3], [0, 1, 0, 3, 3, 3], 2),
+  )
+  def test_two_outputs_match_pipeline_walks(self, blocks_a, blocks_b,
+                                            num_cores):
+    probes = [5] * 6
+    found = []
+    for output, blocks in enumerate((blocks_a, blocks_b)):
+      want = _first_pipeline_error(blocks, probes, 6 // num_cores)
+      if want is not None:
+        found.append((want[1], output, want[2]))
+    if not found:
+      out_a, out_b = self._run_two(blocks_a, blocks_b, num_cores)
+      np.testing.assert_array_equal(out_b[:8], X[:8] + 1.0)
+      return
+    step, output, block = min(found)
+    with self.assertRaisesRegex(
+        Exception, REVISIT + rf": block \[{block}, 0\] of outputs\[{output}\]"
+        rf".*grid step {step}\)"):
+      self._run_two(blocks_a, blocks_b, num_cores)
+
 
 if __name__ == "__main__":
   absltest.main()
