@@ -437,6 +437,13 @@ class StepwiseSchedule:
 
   def fetch(self, ctx, state, step) -> tuple[KernelState, Row]:
     coords = unravel(step, self._grid, self._permutations)
+    if ctx.ranges is not None:
+      # Each coordinate lies in its grid axis (as a program id does): a
+      # block index that is a coordinate, or an SMEM read at one, needs no
+      # check where the axis fits (ranges.py).
+      for c, n in zip(coords, self._grid, strict=True):
+        if isinstance(n, (int, np.integer)):
+          ctx.ranges.set(c, 0, int(n) - 1)
     # Records pending before the index maps (none: each step ends with a
     # flush) stay ahead of the previous step's revisits.
     num_pending = len(state.pending)
@@ -448,7 +455,9 @@ class StepwiseSchedule:
         if op.block_id is None:
           continue
         ranges = [(i, 0, limit - 1)
-                  for i, limit in zip(idx, block_limits(op), strict=True)]
+                  for i, limit in zip(idx, block_limits(op), strict=True)
+                  if ctx.ranges is None or not ctx.ranges.within(
+                      i, 0, limit - 1)]
         state = checks.record_outside(state, ctx.sites, ctx.grid_step, ranges,
                                       _block_index_template(op), list(idx))
     return state, Row(coords, indices)

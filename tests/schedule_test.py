@@ -587,6 +587,40 @@ class StepwiseRevisitTest(parameterized.TestCase):
         rf".*grid step {step}\)"):
       self._run_two(blocks_a, blocks_b, num_cores)
 
+  def _run_coordinate_map(self, num_steps, out_map):
+    """An output at ``out_map`` of the step's coordinate, scheduled per step."""
+    def kernel(b_ref, x_ref, o_ref):
+      b_ref[0] = b_ref[0]
+      o_ref[...] = x_ref[...] + 1.0
+
+    call = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((32, LANES), jnp.float32),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(num_steps,),
+            in_specs=[pl.BlockSpec((8, LANES), lambda i, b: (b[0] * 0, 0))],
+            out_specs=pl.BlockSpec((8, LANES), out_map)),
+        interpret=FI())
+    with mock.patch.object(schedule.TableSchedule, "build",
+                           side_effect=AssertionError("not per step")):
+      return jax.block_until_ready(jax.jit(call)(_i32(0), X))
+
+  def test_coordinate_block_index_in_bounds_needs_no_check(self):
+    # The coordinate lies in [0, 4): its block index is proven in bounds.
+    out = self._run_coordinate_map(4, lambda i, b: (i, 0))
+    np.testing.assert_array_equal(out, jnp.tile(X[:8] + 1.0, (4, 1)))
+
+  @parameterized.parameters(
+      (lambda i, b: (i, 0), 4, r"\[4, 0\]"),
+      (lambda i, b: (i + 1, 0), 3, r"\[4, 0\]"),
+      (lambda i, b: (i - 1, 0), 0, r"\[-1, 0\]"))
+  def test_coordinate_block_index_out_of_bounds_raises(self, out_map, step,
+                                                       block):
+    # Six steps over four blocks: a coordinate's range does not fit.
+    with self.assertRaisesRegex(
+        Exception, OOB + rf": the index map of .* selects block {block}.*"
+        rf"grid step {step}\)"):
+      self._run_coordinate_map(6, out_map)
+
 
 if __name__ == "__main__":
   absltest.main()
