@@ -245,12 +245,17 @@ def flush(state):
   held = state.deferred
   if held is not None:
     # Records from before a conditional come first: where one failed and
-    # the word before it held no error, theirs wins over the word's (which
-    # kept any earlier error, so it is right otherwise). Each vector is
-    # used once, so that XLA fuses all of it into one kernel.
+    # the word before it held no error of an earlier or the same grid step
+    # (it may hold one of a later step, from the checks of the whole grid
+    # made before the loop), theirs wins over the word's: the conditional
+    # only added records of this same step, after them. Otherwise the word
+    # kept the earlier error and is right. Each vector is used once, so
+    # that XLA fuses all of it into one kernel.
     site, new = _fold(held.records)
-    take = lax.bitwise_and(lax.eq(_slot(held.word, 0), np.int32(0)),
-                           lax.ne(site, np.int32(0)))
+    take = lax.bitwise_and(
+        lax.bitwise_or(lax.eq(_slot(held.word, 0), np.int32(0)),
+                       lax.gt(_slot(held.word, 1), _slot(new, 1))),
+        lax.ne(site, np.int32(0)))
     word = lax.select(lax.broadcast_in_dim(take, word.shape, ()), new, word)
   return dataclasses.replace(state, pending=(), deferred=None).write(
       ERROR_ID, word)

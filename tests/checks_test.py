@@ -579,6 +579,43 @@ def _build_two_errors(params):
 
 class ErrorReportingTest(chex.TestCase):
 
+  @parameterized.named_parameters(
+      ("no_table_error", False, True, 9),
+      ("later_table_error", True, True, 9),
+      ("only_branch_fails", True, False, 11))
+  def test_load_before_a_branch_beats_one_inside_it(self, table_bad,
+                                                     first_bad, index):
+    # At step 1 a load fails before a pl.when and another inside it: the
+    # first in program order is reported, even when the checks of the
+    # whole grid (an index map reading a table, checked before the loop)
+    # already found an error at the later step 3.
+    def kernel(t_ref, s_ref, x_ref, o_ref):
+      i = pl.program_id(0)
+      a = s_ref[t_ref[i]]
+
+      @pl.when(t_ref[4 + i] > 0)
+      def _():
+        o_ref[...] = x_ref[...] + s_ref[t_ref[8 + i]].astype(jnp.float32)
+
+      o_ref[...] += a.astype(jnp.float32)
+
+    t = np.zeros(16, np.int32)
+    t[1], t[4:8], t[9] = (9 if first_bad else 0), 1, 11
+    t[15] = 5 if table_bad else 0
+    call = pl.pallas_call(
+        kernel, out_shape=_sds((8, LANES)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(4,),
+            in_specs=[SMEM, pl.BlockSpec((8, LANES),
+                                         lambda i, t: (t[12 + i], 0))],
+            out_specs=pl.BlockSpec((8, LANES), lambda i, t: (0, 0))),
+        interpret=FI())
+    with self.assertRaisesRegex(
+        Exception, OOB + rf": load of args\[1\] at index \[{index}\].*grid "
+        r"step 1\)"):
+      jax.block_until_ready(call(jnp.asarray(t), jnp.arange(8, dtype=jnp.int32),
+                                 jnp.zeros((32, LANES))))
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_no_state_left_after_error(self):
     load = self.variant(_build_load(FI(), False))
