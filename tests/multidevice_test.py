@@ -886,6 +886,17 @@ def _rows_past_the_end(me, copy, sem):
   pltpu.sync_copy(copy.src_ref.at[pl.ds(me, 8)], copy.dst_ref)
 
 
+def _left_over_before_bounds(me, copy, sem):
+  # Device 1 leaves its semaphore at 1; devices 2 and 3 read rows past the
+  # end. Device 1 fails first, with a count that only the end of the kernel
+  # sees: its counts, not the reporter's, must be decoded.
+  @pl.when(me == 1)
+  def _():
+    pl.semaphore_signal(sem, 1, device_id=(me,), device_id_type=MESH)
+
+  pltpu.sync_copy(copy.src_ref.at[pl.ds(me // 2, 8)], copy.dst_ref)
+
+
 class ErrorsTest(chex.TestCase):
 
   def _run(self, extra, n=4):
@@ -916,6 +927,9 @@ class ErrorsTest(chex.TestCase):
        r"the mesh of 4 devices"),
       ("rows_past_the_end", _rows_past_the_end,
        r"out of bounds: DMA source of args\[0\] at index \[1, 0\].*"
+       r"device 1\)"),
+      ("left_over_before_bounds", _left_over_before_bounds,
+       SEM_ERROR + r"scratch\[2\] is left at 1 when the kernel ends.*"
        r"device 1\)"),
   )
   def test_runtime_error(self, extra, message):
