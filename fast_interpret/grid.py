@@ -570,13 +570,11 @@ def interpret_pallas_call(
     # Only a kernel that already communicates may add a collective: the
     # call itself could sit under a device-varying condition otherwise.
     if multi_device:
-      word, host_check, device, reporter = remote.first_error(
-          device_mesh, carry[checks.ERROR_ID], host_check)
-      checks.raise_if_failed(word, sites, device, reporter,
-                             host_check=host_check)
+      checks.raise_if_failed(carry[checks.ERROR_ID], sites, host_check,
+                             gather=device_mesh.gather,
+                             reporter=device_mesh.my_id() == 0)
     else:
-      checks.raise_if_failed(carry[checks.ERROR_ID], sites,
-                             host_check=host_check)
+      checks.raise_if_failed(carry[checks.ERROR_ID], sites, host_check)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
 
 

@@ -657,36 +657,6 @@ def _permute(mesh: DeviceMesh, perm, wires):
   return out
 
 
-def first_error(mesh: DeviceMesh, word, host_check=None):
-  """(error word, host check, device) of the first device that failed, and
-  the reporter.
-
-  Every device learns every device's error word (one all-gather after the
-  grid); device 0 is the one that reports. Raising on each failing device
-  would leave errors pending in JAX's runtime tokens. A ``host_check``
-  (``checks.HostCheck``: the semaphore counts at the end) travels in the
-  same all-gather, with whether it fails: a device fails if its word or its
-  check does, and the reporter's callback decodes the first such device's
-  counts after its word, as one device's callback does.
-  """
-  if host_check is None:
-    words = mesh.gather(word)
-    first = jnp.argmax(words[:, 0] != 0).astype(jnp.int32)
-    return words[first], None, first, mesh.my_id() == 0
-  failed = lax.bitwise_or(
-      lax.ne(lax.index_in_dim(word, 0, keepdims=False), np.int32(0)),
-      host_check.failed)
-  rows = mesh.gather(jnp.concatenate([
-      word, host_check.values,
-      lax.reshape(lax.convert_element_type(failed, jnp.int32), (1,))]))
-  first = jnp.argmax(rows[:, -1] != 0).astype(jnp.int32)
-  row = rows[first]
-  picked = dataclasses.replace(
-      host_check, values=row[word.shape[0]:-1],
-      failed=lax.ne(row[-1], np.int32(0)))
-  return row[:word.shape[0]], picked, first, mesh.my_id() == 0
-
-
 def is_remote_eqn(eqn) -> bool:
   """Whether ``eqn`` is a DMA start or signal aimed at another device."""
   if eqn.primitive is _jax.dma_start_p:
