@@ -445,35 +445,32 @@ def raise_if_failed(word, sites: Sites, host_check: HostCheck | None = None,
     return
   size = word.shape[0]
 
-  def decode(row):
-    row = np.asarray(row)
-    if host_check is None:
-      return row[:size]
-    return _first_on_host(row[:size],
-                          host_check.records(row[size:size + values_size]))
-
-  def check(word, *values):
+  def decode(word, values=None):
+    """The word after the host check's records (``values``) are folded in."""
     word = np.asarray(word)
-    if values:
-      word = _first_on_host(word, host_check.records(np.asarray(values[0])))
+    if values is None:
+      return word
+    return _first_on_host(word, host_check.records(np.asarray(values)))
+
+  def check(word, values=None):
+    word = decode(word, values)
     if word[0] != 0:
       raise KernelCheckError(sites.message(word))
 
   def check_devices(rows):
     for device, row in enumerate(np.asarray(rows)):
-      if row[-1] != 0:
-        word = decode(row)
+      if row[-1] != 0:  # The first device that failed.
+        word = decode(row[:size], None if host_check is None
+                      else row[size:-1])
         if word[0] != 0:
           raise KernelCheckError(sites.message(word, device))
         return
 
   failed = lax.ne(_slot(word, 0), np.int32(0))
   parts = [word]
-  values_size = 0
   if host_check is not None:
     failed = lax.bitwise_or(failed, host_check.failed)
     parts.append(host_check.values)
-    values_size = host_check.values.shape[0]
   # The host is called only when an error was recorded: a host callback
   # costs about 2 ms per call on CPU, far more than the checks themselves.
   if gather is None:
