@@ -23,7 +23,9 @@ Stages of a check:
      reached only when the word holds an error. Checks of the kernel's end
      may instead be a ``HostCheck``: values handed to that callback and
      decoded there, after every record of the word (no kernels of their
-     own beyond a reduction that says whether any failed).
+     own beyond a reduction that says whether any failed). With several
+     devices, every device's word and values are gathered and the
+     callback picks the first device that failed.
 
 After the grid loop, one host callback reads the word and raises
 ``KernelCheckError`` with the kernel name, the operand, the grid step and the
@@ -430,42 +432,61 @@ def _first_on_host(word: np.ndarray, records) -> np.ndarray:
   return word
 
 
-def raise_if_failed(word, sites: Sites, device=None, reporter=True,
-                    host_check: HostCheck | None = None) -> None:
+def raise_if_failed(word, sites: Sites, host_check: HostCheck | None = None,
+                    gather=None, reporter=True) -> None:
   """Emits the one host callback that raises a recorded error.
 
-  In a multi-device kernel, ``word`` and ``device`` are those of the first
-  device that failed (see ``remote.first_error``) and only the ``reporter``
-  device raises, so that one error comes back, naming that device.
-  ``host_check`` (one device only) adds checks decoded in the callback.
+  ``host_check`` adds checks decoded in the callback, after the word's.
+  In a multi-device kernel, ``gather`` stacks every device's vector (one
+  ``all_gather``): the word, the host check's values and whether the
+  device failed. Only the ``reporter`` device calls the host, when some
+  device failed; the callback finds the first such device, decodes its
+  word and host check, and raises that error, naming the device, so that
+  one error comes back (raising on each failing device would leave errors
+  pending in JAX's runtime tokens). Picking the device on the host keeps
+  the program to the gather and a reduction.
   """
   if not sites.templates:
     return
+  size = word.shape[0]
 
-  def check(word, *rest):
+  def decode(word, values=None):
+    """The word after the host check's records (``values``) are folded in."""
     word = np.asarray(word)
-    if host_check is not None:
-      values, *rest = rest
-      word = _first_on_host(word, host_check.records(np.asarray(values)))
+    if values is None:
+      return word
+    return _first_on_host(word, host_check.records(np.asarray(values)))
+
+  def check(word, values=None):
+    word = decode(word, values)
     if word[0] != 0:
-      raise KernelCheckError(sites.message(
-          word, int(rest[0]) if rest else None))
+      raise KernelCheckError(sites.message(word))
+
+  def check_devices(rows):
+    for device, row in enumerate(np.asarray(rows)):
+      if row[-1] != 0:  # The first device that failed.
+        word = decode(row[:size], None if host_check is None
+                      else row[size:-1])
+        if word[0] != 0:
+          raise KernelCheckError(sites.message(word, device))
+        return
 
   failed = lax.ne(_slot(word, 0), np.int32(0))
-  args = (word,)
+  parts = [word]
   if host_check is not None:
-    if device is not None:
-      raise errors.InternalError("host checks of a multi-device kernel.")
     failed = lax.bitwise_or(failed, host_check.failed)
-    args += (host_check.values,)
-  if device is not None:
-    args += (device,)
+    parts.append(host_check.values)
   # The host is called only when an error was recorded: a host callback
   # costs about 2 ms per call on CPU, far more than the checks themselves.
-  if reporter is not True:
-    failed = lax.bitwise_and(failed, reporter)
-  lax.cond(failed,
-           lambda *a: io_callback(check, None, *a), lambda *a: None, *args)
+  if gather is None:
+    lax.cond(failed, lambda *a: io_callback(check, None, *a),
+             lambda *a: None, *parts)
+    return
+  parts.append(lax.reshape(lax.convert_element_type(failed, jnp.int32), (1,)))
+  rows = gather(lax.concatenate(parts, 0))
+  any_failed = lax.ne(lax.reduce_max(rows[:, -1], (0,)), np.int32(0))
+  lax.cond(lax.bitwise_and(any_failed, reporter),
+           lambda r: io_callback(check_devices, None, r), lambda r: None, rows)
 
 
 def bounds_report(ctx) -> list | None:

@@ -554,16 +554,12 @@ def interpret_pallas_call(
                             lambda i, c: step_fn(i, c, last), carry)
     # The last step's write-backs, where the schedule checks them now, then
     # the semaphores the last step left (the order of a step's own checks),
-    # decoded by the callback that raises where it can be reached.
+    # decoded by the callback that raises (with several devices, the
+    # counts travel with the error word in its exchange).
     state = plan.finish(ctx, KernelState(carry), last)
     if check_semaphores:
       end_ctx = dataclasses.replace(ctx, grid_step=last)
-      if multi_device:
-        state = _check_semaphores_released(end_ctx, state, checked_handles,
-                                           True)
-      else:
-        host_check = dma_rules.end_host_check(end_ctx, state,
-                                              checked_handles)
+      host_check = dma_rules.end_host_check(end_ctx, state, checked_handles)
     carry = checks.flush(state).subset(carry.keys())
   elif lockstep is not None:
     carry = cores.run_lockstep(step_steps, carry, buffers, per_core, lockstep)
@@ -574,12 +570,11 @@ def interpret_pallas_call(
     # Only a kernel that already communicates may add a collective: the
     # call itself could sit under a device-varying condition otherwise.
     if multi_device:
-      word, device, reporter = remote.first_error(device_mesh,
-                                                  carry[checks.ERROR_ID])
-      checks.raise_if_failed(word, sites, device, reporter)
+      checks.raise_if_failed(carry[checks.ERROR_ID], sites, host_check,
+                             gather=device_mesh.gather,
+                             reporter=device_mesh.my_id() == 0)
     else:
-      checks.raise_if_failed(carry[checks.ERROR_ID], sites,
-                             host_check=host_check)
+      checks.raise_if_failed(carry[checks.ERROR_ID], sites, host_check)
   return [_from_storage(_unpad(carry[op.hbm_id], op), op) for op in out_ops]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +40,27 @@ def _axis_index_rule(ctx: RuleContext, state: KernelState, *, axis_name,
                      **params):
   """``lax.axis_index`` of a named grid axis is that axis' program id.
 
-  Other axis names (e.g. of an enclosing ``shard_map``) bind as usual.
+  Other axis names (e.g. of an enclosing ``shard_map``) bind as usual; on
+  axes of the shard_map's mesh the value lies in ``[0, devices)``, a range
+  that drops bounds checks on device-indexed views (ranges.py).
   """
   names = ctx.grid_names or ()
   if axis_name in names:
     return state, _program_id(ctx, names.index(axis_name))
-  return state, bind_pure(ctx.eqn, ())
+  out = bind_pure(ctx.eqn, ())
+  size = _mesh_size(ctx.mesh, axis_name)
+  if ctx.ranges is not None and size is not None:
+    ctx.ranges.set(out, 0, size - 1)  # A device of the shard_map's mesh.
+  return state, out
+
+
+def _mesh_size(mesh, axis_name) -> int | None:
+  """How many devices ``axis_name`` (a mesh axis or a tuple of them) spans,
+  or None where it is not an axis of the enclosing shard_map's mesh."""
+  if mesh is None:
+    return None
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+  if not names or any(n not in sizes for n in names):
+    return None
+  return math.prod(sizes[n] for n in names)

@@ -13,7 +13,9 @@ Stages:
   1. Sources: static values (their own value), the index of a loop of static
      length whose body adds 1 to it (``fori_loop`` with static bounds), a
      program id of a static grid axis and a grid coordinate where the
-     schedule evaluates index maps (``[0, size)``), and a bool (``[0, 1]``).
+     schedule evaluates index maps (``[0, size)``), ``lax.axis_index`` of
+     axes of the enclosing ``shard_map``'s mesh (``[0, devices)``), and a
+     bool (``[0, 1]``).
   2. ``infer``, after each scalar equation: interval arithmetic for a few
      integer primitives (add, sub, mul, div and rem by a positive divisor,
      min, max, clamp, select, comparisons, logical ops, conversions). A

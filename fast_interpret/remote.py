@@ -165,6 +165,9 @@ def check_target(ctx, state, target, valid, what: str):
   if ctx.sites is None:
     return state
   size = ctx.mesh.size
+  targets = static_targets(ctx.mesh, target)
+  if targets is not None and np.all((targets >= 0) & (targets < size)):
+    return state  # In the mesh on every device: the check cannot fail.
   bad = valid & ((target < 0) | (target >= size))
   return checks.record(
       state, ctx.sites, ctx.grid_step, bad,
@@ -652,19 +655,6 @@ def _permute(mesh: DeviceMesh, perm, wires):
       hit = valid if receives is True else valid & receives
     out.append((hit, tree))
   return out
-
-
-def first_error(mesh: DeviceMesh, word):
-  """(error word, device) of the first device that failed, and the reporter.
-
-  Every device learns every device's error word (one all-gather after the
-  grid); device 0 is the one that reports. Raising on each failing device
-  would leave errors pending in JAX's runtime tokens.
-  """
-  words = mesh.gather(word)
-  failed = words[:, 0] != 0
-  first = jnp.argmax(failed).astype(jnp.int32)
-  return words[first], first, mesh.my_id() == 0
 
 
 def is_remote_eqn(eqn) -> bool:

@@ -872,6 +872,31 @@ def _outside_mesh(me, copy, sem):
   pl.semaphore_signal(sem, 1, device_id=7, device_id_type=LOGICAL)
 
 
+def _before_the_first_device(me, copy, sem):
+  # Device 0's target is -1: ranges and static targets must not drop the
+  # check because every other device's target lies in the mesh.
+  del copy
+  pl.semaphore_signal(sem, 1, device_id=(me - 1,), device_id_type=MESH)
+
+
+def _rows_past_the_end(me, copy, sem):
+  # ``me`` lies in [0, 4): the start of 8 rows of 8 is out of range on every
+  # device but 0, so the check stays.
+  del sem
+  pltpu.sync_copy(copy.src_ref.at[pl.ds(me, 8)], copy.dst_ref)
+
+
+def _left_over_before_bounds(me, copy, sem):
+  # Device 1 leaves its semaphore at 1; devices 2 and 3 read rows past the
+  # end. Device 1 fails first, with a count that only the end of the kernel
+  # sees: its counts, not the reporter's, must be decoded.
+  @pl.when(me == 1)
+  def _():
+    pl.semaphore_signal(sem, 1, device_id=(me,), device_id_type=MESH)
+
+  pltpu.sync_copy(copy.src_ref.at[pl.ds(me // 2, 8)], copy.dst_ref)
+
+
 class ErrorsTest(chex.TestCase):
 
   def _run(self, extra, n=4):
@@ -897,6 +922,15 @@ class ErrorsTest(chex.TestCase):
       ("target_outside_mesh", _outside_mesh,
        r"fast_interpret: remote semaphore signal: device id 7 is outside the "
        r"mesh of 4 devices"),
+      ("target_before_first_device", _before_the_first_device,
+       r"fast_interpret: remote semaphore signal: device id -1 is outside "
+       r"the mesh of 4 devices"),
+      ("rows_past_the_end", _rows_past_the_end,
+       r"out of bounds: DMA source of args\[0\] at index \[1, 0\].*"
+       r"device 1\)"),
+      ("left_over_before_bounds", _left_over_before_bounds,
+       SEM_ERROR + r"scratch\[2\] is left at 1 when the kernel ends.*"
+       r"device 1\)"),
   )
   def test_runtime_error(self, extra, message):
     with self.assertRaisesRegex(Exception, message):
