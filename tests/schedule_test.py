@@ -448,6 +448,18 @@ def _first_pipeline_error(blocks, probes, per_core):
   return None
 
 
+def _run_per_step(kernel, out_shape, grid_spec, num_cores, *args):
+  """Runs a ("parallel", "arbitrary") kernel; its schedule must be per step."""
+  call = pl.pallas_call(
+      kernel, out_shape=out_shape, grid_spec=grid_spec,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary")),
+      interpret=FI(num_cores_or_threads=num_cores))
+  with mock.patch.object(schedule.TableSchedule, "build",
+                         side_effect=AssertionError("not per step")):
+    return jax.block_until_ready(jax.jit(call)(*args))
+
+
 class StepwiseRevisitTest(parameterized.TestCase):
   """Per-step revisit checks against a walk of the pipeline (above).
 
@@ -476,16 +488,9 @@ class StepwiseRevisitTest(parameterized.TestCase):
             (8, LANES), lambda i, j, b, p: (b[p[3 * i + j]] * 0, 0))],
         out_specs=pl.BlockSpec((8, LANES),
                                lambda i, j, b, p: (b[3 * i + j], 0)))
-    call = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((32, LANES), jnp.float32),
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary")),
-        interpret=FI(num_cores_or_threads=num_cores))
-    with mock.patch.object(schedule.TableSchedule, "build",
-                           side_effect=AssertionError("not per step")):
-      return jax.block_until_ready(
-          jax.jit(call)(_i32(*blocks), _i32(*probes), X))
+    return _run_per_step(
+        kernel, jax.ShapeDtypeStruct((32, LANES), jnp.float32), grid_spec,
+        num_cores, _i32(*blocks), _i32(*probes), X)
 
   @parameterized.parameters(
       # One core: the last step's write-back is checked after the loop.
@@ -546,16 +551,9 @@ class StepwiseRevisitTest(parameterized.TestCase):
         out_specs=[
             pl.BlockSpec((8, LANES), lambda i, j, a, b: (a[3 * i + j], 0)),
             pl.BlockSpec((8, LANES), lambda i, j, a, b: (b[3 * i + j], 0))])
-    call = pl.pallas_call(
-        kernel, out_shape=[jax.ShapeDtypeStruct((32, LANES), jnp.float32)] * 2,
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary")),
-        interpret=FI(num_cores_or_threads=num_cores))
-    with mock.patch.object(schedule.TableSchedule, "build",
-                           side_effect=AssertionError("not per step")):
-      return jax.block_until_ready(
-          jax.jit(call)(_i32(*blocks_a), _i32(*blocks_b), X))
+    return _run_per_step(
+        kernel, [jax.ShapeDtypeStruct((32, LANES), jnp.float32)] * 2,
+        grid_spec, num_cores, _i32(*blocks_a), _i32(*blocks_b), X)
 
   @parameterized.parameters(
       # Each output's own walk decides; the earlier step wins, the first
