@@ -11,6 +11,7 @@ Modules:
   lowering       the hook into pallas_call's lowering.
   grid           the pallas_call driver: memory layout, grid loop, blocks.
   schedule       the grid schedule: per-step block indices and write-backs.
+  grid_tables    whole-grid block tables, and their bounds/revisit checks.
   vectorize      step-independent grids as one vmap instead of the loop.
   interpreter    the rule registry and the jaxpr evaluator.
   constants      small integer values folded with NumPy while tracing.

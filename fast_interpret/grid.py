@@ -38,6 +38,7 @@ from fast_interpret import checks
 from fast_interpret import cores
 from fast_interpret import errors
 from fast_interpret import fences
+from fast_interpret import grid_tables
 from fast_interpret import inflight
 from fast_interpret import interpreter
 from fast_interpret import ranges
@@ -605,7 +606,7 @@ def _covered_outputs(rows, operands, num_inputs, out_to_in, written,
                   and x.dtype == current.dtype), None)
     if donor is None:
       continue
-    limits = schedule.block_limits(op)
+    limits = grid_tables.block_limits(op)
     indices = np.asarray(rows.block_indices[k])
     inside = np.all((indices >= 0) & (indices < np.asarray(limits)), axis=1)
     if len({tuple(i) for i in indices[inside]}) == math.prod(limits):

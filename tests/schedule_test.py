@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fast_interpret
+from fast_interpret import grid_tables
 from fast_interpret import schedule
 from tests import feature_util
 
@@ -353,7 +354,7 @@ class NumpyIndexMapTest(parameterized.TestCase):
                        np.arange(-4, 12, dtype=np.int32), indexing="ij")
     i, j = i.ravel(), j.ravel()
     closed = jax.make_jaxpr(index_map)(jnp.int32(0), jnp.int32(0))
-    got = schedule._numpy_eval(closed.jaxpr, closed.consts, [i, j])  # pylint: disable=protected-access
+    got = grid_tables.numpy_eval(closed.jaxpr, closed.consts, [i, j])
     want = jax.vmap(index_map)(jnp.asarray(i), jnp.asarray(j))
     for g, w in zip(got, want, strict=True):
       np.testing.assert_array_equal(np.broadcast_to(g, i.shape), w)
@@ -362,9 +363,9 @@ class NumpyIndexMapTest(parameterized.TestCase):
     from fast_interpret import schedule  # pylint: disable=g-import-not-at-top
     closed = jax.make_jaxpr(
         lambda i: ((i * 0.5).astype(jnp.int32),))(jnp.int32(0))
-    with self.assertRaises(schedule._NotNumpy):  # pylint: disable=protected-access
-      schedule._numpy_eval(closed.jaxpr, closed.consts,  # pylint: disable=protected-access
-                           [np.arange(4, dtype=np.int32)])
+    with self.assertRaises(grid_tables.NotNumpy):
+      grid_tables.numpy_eval(closed.jaxpr, closed.consts,
+                             [np.arange(4, dtype=np.int32)])
     # The kernel still runs (the JAX path tabulates it).
     call = _static_call(lambda i: ((i * 0.5).astype(jnp.int32), 0),
                         lambda i: ((i * 0.5).astype(jnp.int32), 0), (4,),
