@@ -991,6 +991,30 @@ class LoweredProgramTest(parameterized.TestCase):
         _i32(0), X).as_text()
     self.assertEqual("callback" in text, expect_callback)
 
+  @parameterized.named_parameters(
+      ("bounds_in_the_word", _build_load, 3, 9),
+      ("semaphores_decoded_on_host", _build_sem_wait, 1, 2))
+  def test_host_reached_only_when_a_check_fails(self, build, good, bad):
+    # With checks on (the default), the program holds the callback, but it
+    # runs only when a check failed: for errors in the word and for the
+    # semaphores' end check decoded on the host alike.
+    calls, io_callback = [], checks.io_callback
+
+    def counting(fn, result_shape, *args):
+      def counted(*a):
+        calls.append(1)
+        return fn(*a)
+      return io_callback(counted, result_shape, *args)
+
+    with mock.patch.object(checks, "io_callback", counting):
+      call = jax.jit(build(FI(), False))
+      for _ in range(3):
+        jax.block_until_ready(call(_i32(good), X))
+      self.assertEqual(calls, [])
+      with self.assertRaises(Exception):
+        jax.block_until_ready(call(_i32(bad), X))
+    self.assertEqual(calls, [1])
+
   def test_semaphore_checks_alone_emit_callback(self):
     params = FI.unchecked(check_semaphores=True)
     text = jax.jit(_build_sem_wait(params, False)).lower(_i32(1), X).as_text()
