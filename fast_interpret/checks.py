@@ -254,11 +254,8 @@ def flush(state):
     # kept the earlier error and is right. Each vector is used once, so
     # that XLA fuses all of it into one kernel.
     site, new = _fold(held.records)
-    take = lax.bitwise_and(
-        lax.bitwise_or(lax.eq(_slot(held.word, 0), np.int32(0)),
-                       lax.gt(_slot(held.word, 1), _slot(new, 1))),
-        lax.ne(site, np.int32(0)))
-    word = lax.select(lax.broadcast_in_dim(take, word.shape, ()), new, word)
+    word = _select_word(
+        _new_wins(held.word, new, lax.ne(site, np.int32(0))), new, word)
   return dataclasses.replace(state, pending=(), deferred=None).write(
       ERROR_ID, word)
 
@@ -364,12 +361,21 @@ def _slot(word, i: int):
 
 def _first(word, new, failed):
   """The error of the earlier grid step; the one recorded first on a tie."""
+  return _select_word(_new_wins(word, new, failed), new, word)
+
+
+def _new_wins(word, new, failed):
+  """Whether ``new`` (where ``failed``) replaces the error in ``word``: the
+  word holds none of an earlier or the same grid step."""
   # lax calls, not jnp operators: this runs at every flush, and each jnp
   # operator on a tracer costs a jitted wrapper while tracing.
   keep_old = lax.bitwise_and(lax.ne(_slot(word, 0), np.int32(0)),
                              lax.le(_slot(word, 1), _slot(new, 1)))
-  keep = lax.bitwise_or(keep_old, lax.bitwise_not(failed))
-  return lax.select(lax.broadcast_in_dim(keep, word.shape, ()), word, new)
+  return lax.bitwise_and(failed, lax.bitwise_not(keep_old))
+
+
+def _select_word(take, new, word):
+  return lax.select(lax.broadcast_in_dim(take, word.shape, ()), new, word)
 
 
 def merge_first(state, words):
