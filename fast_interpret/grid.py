@@ -418,8 +418,8 @@ def interpret_pallas_call(
       mesh=device_mesh, in_flight=in_flight,
       in_loop=not (isinstance(num_steps, int) and num_steps == 1))
   per_core = core_plan.per_core
-  # One core whose steps end with no check (semaphores left signalled) may
-  # have its last step's revisit checked after the loop.
+  # With one core the last step's revisit check waits for the loop's end
+  # (``plan.finish``), ahead of the semaphores' end check made there too.
   plan, state = schedule.make(
       ctx, KernelState(buffers), grid, operands, len(in_ops),
       scalar_handles, written, _last_of_core(num_steps, per_core),
